@@ -1,0 +1,234 @@
+"""Executors: write chunk files, read boxes.  The plans come from ``distckpt.plan``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import crc32c as _crc
+import numpy as np
+
+from . import dtypes
+from .errors import ChecksumError, DistCkptError, FormatError
+from .formats.safetensors import SafetensorsWriter
+from .index import Chunk, TensorInfo
+from .layout import Box
+from .plan import LOCAL_COST, REMOTE_COST, ChunkLookup, c_strides, plan_box_reads
+from .storage import Storage
+
+__all__ = ["block_crcs", "write_chunk_file", "read_box", "ReadStats", "PendingChunk"]
+
+DEFAULT_BLOCK_SIZE = 1 << 20
+_WRITE_PIECE = 8 << 20
+
+
+def block_crcs(data, block_size: int) -> list[int]:
+    mv = memoryview(data).cast("B")
+    return [_crc.crc32c(mv[i : i + block_size]) for i in range(0, len(mv), block_size)]
+
+
+@dataclass
+class PendingChunk:
+    """A chunk to write: ``array`` holds exactly ``box`` of tensor ``name``."""
+
+    name: str
+    box: Box
+    array: np.ndarray
+
+    @property
+    def key(self) -> str:
+        if not self.box.ndim:
+            return self.name
+        return self.name + "@" + ",".join(str(o) for o in self.box.offsets)
+
+
+def write_chunk_file(
+    storage: Storage,
+    fname: str,
+    pending: Sequence[PendingChunk],
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    rank: int | None = None,
+    checksums: bool = True,
+) -> tuple[dict[str, list[Chunk]], int]:
+    """Write chunks as one safetensors file; checksum each block inline.
+
+    Returns the chunk records per tensor name and the file size.
+    """
+    specs = [(p.key, dtypes.name_of(p.array.dtype), tuple(p.array.shape)) for p in pending]
+    out: dict[str, list[Chunk]] = {}
+    f = storage.open_write(fname)
+    try:
+        w = SafetensorsWriter(f, specs, metadata={"format": "distckpt"})
+        for p in pending:
+            arr = np.ascontiguousarray(p.array)
+            mv = memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")
+            crcs: list[int] = []
+            start = w.data_offset(p.key)
+            # write in pieces that are whole checksum blocks: crc and write
+            # share one pass over memory, no copy of the tensor is made
+            piece = max(block_size, (_WRITE_PIECE // block_size) * block_size)
+            for i in range(0, len(mv), piece):
+                part = mv[i : i + piece]
+                if checksums:
+                    crcs.extend(_crc.crc32c(part[j : j + block_size]) for j in range(0, len(part), block_size))
+                w.write(p.key, part)
+            if not len(mv):
+                w.write(p.key, mv)
+            out.setdefault(p.name, []).append(
+                Chunk(p.box, fname, ((start, len(mv)),), tuple(crcs) if checksums else None, block_size, rank)
+            )
+        size = f.tell() if hasattr(f, "tell") else None
+        storage.close_durable(f)
+    except BaseException:
+        try:
+            f.close()
+        finally:
+            storage.remove([fname])
+        raise
+    if size is None:
+        size = storage.size(fname)
+    return out, size
+
+
+@dataclass
+class ReadStats:
+    bytes_needed: int = 0
+    bytes_read: int = 0
+    requests: int = 0
+    by_file: dict[str, int] = field(default_factory=dict)
+
+    def add(self, other: ReadStats) -> None:
+        self.bytes_needed += other.bytes_needed
+        self.bytes_read += other.bytes_read
+        self.requests += other.requests
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_read / self.bytes_needed if self.bytes_needed else 1.0
+
+    def to_json(self) -> dict:
+        return {
+            "bytes_needed": self.bytes_needed,
+            "bytes_read": self.bytes_read,
+            "requests": self.requests,
+            "ratio": round(self.ratio, 4),
+        }
+
+
+def _file_jobs(chunk: Chunk, start: int, mv: memoryview) -> list[tuple[str, int, memoryview]]:
+    """Map chunk bytes [start, start+len(mv)) onto the chunk's file segments."""
+    jobs = []
+    pos = 0  # chunk-relative offset of the current segment
+    want_lo, want_hi = start, start + len(mv)
+    for seg_start, seg_len in chunk.segments:
+        lo, hi = max(want_lo, pos), min(want_hi, pos + seg_len)
+        if lo < hi:
+            jobs.append((chunk.file, seg_start + (lo - pos), mv[lo - want_lo : hi - want_lo]))
+        pos += seg_len
+        if pos >= want_hi:
+            break
+    if pos < want_hi:
+        raise FormatError(f"{chunk.file}: chunk bytes [{start}, {want_hi}) lie outside its {pos} bytes")
+    return jobs
+
+
+def read_box(
+    storage: Storage,
+    tensor: TensorInfo,
+    target: Box,
+    *,
+    out: np.ndarray | None = None,
+    verify: bool = True,
+    stats: ReadStats | None = None,
+    lookup: ChunkLookup | None = None,
+) -> np.ndarray:
+    """Fill ``target`` of ``tensor`` from the chunks that overlap it, reading only their bytes."""
+    dtype = dtypes.to_numpy(tensor.dtype)
+    item = dtype.itemsize
+    if out is None:
+        out = np.empty(target.sizes, dtype=dtype)
+    lookup = lookup or ChunkLookup([c.box for c in tensor.chunks])
+    cost = LOCAL_COST if storage.is_local else REMOTE_COST
+    hits = lookup.overlapping(target)
+    covered = sum(inter.numel for _, inter in hits)
+    if covered != target.numel:
+        raise FormatError(
+            f"tensor {tensor.name!r}: the chunks cover {covered} of the {target.numel} elements of box "
+            f"{list(target.offsets)}+{list(target.sizes)} (missing chunk?)"
+        )
+    st = stats or ReadStats()
+    jobs: list[tuple[str, int, memoryview]] = []
+    post: list = []
+    for ci, inter in hits:
+        chunk = tensor.chunks[ci]
+        plan = plan_box_reads(chunk.box, inter, item, cost)
+        dest = out[inter.relative_to(target)] if target.ndim else out
+        st.bytes_needed += plan.bytes_needed
+        check = verify and chunk.crcs is not None
+        strides = c_strides(chunk.box.sizes, item)
+        for req in plan.requests:
+            lo, hi = req.start, req.start + req.length
+            if check:
+                bs = chunk.block_size
+                lo, hi = (lo // bs) * bs, min(-(-hi // bs) * bs, chunk.nbytes)
+            direct = (
+                not check
+                and plan.depth == 0
+                and req.length == plan.bytes_needed
+                and dest.flags.c_contiguous
+                and dest.dtype == dtype
+            )
+            if direct:
+                buf = memoryview(dest.reshape(-1).view(np.uint8)) if dest.size else memoryview(bytearray(0))
+            else:
+                buf = memoryview(bytearray(hi - lo))
+            jobs.extend(_file_jobs(chunk, lo, buf))
+            st.bytes_read += hi - lo
+            st.requests += 1
+            if not direct:
+                post.append((ci, chunk, plan, req, lo, buf, dest, strides, check))
+    try:
+        storage.read_many(jobs)
+    except DistCkptError as exc:
+        raise type(exc)(f"tensor {tensor.name!r}: {exc}") from None
+    except OSError as exc:
+        raise FormatError(f"tensor {tensor.name!r}: cannot read its data: {exc}") from None
+    for ci, chunk, plan, req, lo, buf, dest, strides, check in post:
+        if check:
+            _verify_blocks(tensor, ci, chunk, lo, buf)
+        off = req.start - lo
+        sizes = plan.inter.sizes[plan.depth :]
+        view = np.lib.stride_tricks.as_strided(
+            np.frombuffer(buf, dtype=dtype, offset=off, count=(len(buf) - off) // item),
+            shape=sizes,
+            strides=strides[plan.depth :],
+            writeable=False,
+        )
+        if plan.depth:
+            dest[req.outer] = view
+        elif dest.ndim:
+            dest[...] = view
+        else:
+            out[...] = view.reshape(())
+    return out
+
+
+def _verify_blocks(tensor: TensorInfo, ci: int, chunk: Chunk, lo: int, buf: memoryview) -> None:
+    bs = chunk.block_size
+    assert chunk.crcs is not None
+    for i in range(0, len(buf), bs):
+        b = (lo + i) // bs
+        got = _crc.crc32c(buf[i : i + bs])
+        if b >= len(chunk.crcs) or got != chunk.crcs[b]:
+            start = chunk.segments[0][0] + lo + i
+            raise ChecksumError(
+                f"checksum mismatch in {chunk.file}, tensor {tensor.name!r}, chunk {ci} "
+                f"(offsets {list(chunk.box.offsets)}), bytes [{start}, {start + min(bs, len(buf) - i)}): "
+                "the file is corrupt; restore it or re-save the checkpoint"
+            )
+
+
+def tensor_nbytes(shape: Sequence[int], dtype: str) -> int:
+    return math.prod(shape) * dtypes.itemsize(dtype)

@@ -1,0 +1,376 @@
+"""Pure sharding math: boxes, MindSpore tensor layouts, strategies.
+
+No I/O and no framework imports.  Everything here is a frozen value that
+validates itself and names the bad value when it does not.
+
+MindSpore semantics (DESIGN §2.2):
+
+* ``tensor_map[i]`` names device axes counted **from the right** of
+  ``dev_matrix``; ``-1`` means dim ``i`` is not split.  A nested entry splits
+  one dim over several axes, the first listed being the outermost.
+* a rank's coordinates are the row-major unravel of ``rank % prod(dev_matrix)``.
+* the parallel optimizer splits dim 0 of the model-parallel slice again into
+  ``opt_shard_size`` pieces; a rank holds piece
+  ``(rank // opt_shard_step) % opt_shard_size``
+  (``mindspore/parallel/_tensor.py: _construct_tensor_layout_for_opt_shard``).
+* pipeline stage ``s`` owns ranks ``[s * stage_device_num, (s+1) * stage_device_num)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import LayoutError, StrategyError
+
+__all__ = [
+    "Box",
+    "TensorLayout",
+    "ParamSpec",
+    "Strategy",
+    "check_tiling",
+    "full_box",
+]
+
+
+def _ints(values: Iterable, what: str) -> tuple[int, ...]:
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise LayoutError(f"{what} must hold integers, got {v!r}")
+        out.append(int(v))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Box:
+    """An n-d rectangle of a tensor: ``offsets`` and ``sizes`` per dim."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "offsets", _ints(self.offsets, "Box.offsets"))
+        object.__setattr__(self, "sizes", _ints(self.sizes, "Box.sizes"))
+        if len(self.offsets) != len(self.sizes):
+            raise LayoutError(f"Box offsets {self.offsets} and sizes {self.sizes} differ in rank")
+        if any(o < 0 for o in self.offsets) or any(s < 0 for s in self.sizes):
+            raise LayoutError(f"Box offsets {self.offsets} / sizes {self.sizes} must be >= 0")
+
+    @property
+    def ndim(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.sizes)
+
+    @property
+    def ends(self) -> tuple[int, ...]:
+        return tuple(o + s for o, s in zip(self.offsets, self.sizes))
+
+    def intersect(self, other: Box) -> Box | None:
+        """The common part of two boxes, or None when they do not overlap."""
+        if self.ndim != other.ndim:
+            raise LayoutError(f"cannot intersect boxes of rank {self.ndim} and {other.ndim}")
+        offs, sizes = [], []
+        for a0, a1, b0, b1 in zip(self.offsets, self.ends, other.offsets, other.ends):
+            lo, hi = max(a0, b0), min(a1, b1)
+            if hi <= lo:
+                return None
+            offs.append(lo)
+            sizes.append(hi - lo)
+        if self.ndim == 0:
+            return self
+        return Box(tuple(offs), tuple(sizes))
+
+    def relative_to(self, outer: Box) -> tuple[slice, ...]:
+        """Index of this box inside an array that holds ``outer``."""
+        return tuple(
+            slice(o - oo, o - oo + s) for o, s, oo in zip(self.offsets, self.sizes, outer.offsets)
+        )
+
+    def contains(self, other: Box) -> bool:
+        return all(
+            a0 <= b0 and b1 <= a1
+            for a0, a1, b0, b1 in zip(self.offsets, self.ends, other.offsets, other.ends)
+        )
+
+    def to_json(self) -> dict:
+        return {"offsets": list(self.offsets), "sizes": list(self.sizes)}
+
+
+def full_box(shape: Sequence[int]) -> Box:
+    return Box((0,) * len(shape), tuple(shape))
+
+
+def check_tiling(shape: Sequence[int], boxes: Iterable[Box], *, name: str = "tensor") -> None:
+    """Raise unless ``boxes`` cover every element of ``shape`` exactly once.
+
+    Works in O(C log C) for boxes that form a grid-aligned tiling and falls
+    back to counting volume plus pairwise disjointness along sorted dim 0.
+    """
+    shape = tuple(shape)
+    boxes = list(boxes)
+    whole = full_box(shape)
+    total = 0
+    for b in boxes:
+        if b.ndim != len(shape):
+            raise LayoutError(f"{name}: chunk {b} has rank {b.ndim}, tensor has shape {shape}")
+        if not whole.contains(b):
+            raise LayoutError(f"{name}: chunk {b.offsets}+{b.sizes} lies outside shape {shape}")
+        total += b.numel
+    if total != whole.numel:
+        raise LayoutError(
+            f"{name}: chunks cover {total} elements but shape {shape} has {whole.numel}"
+            " (missing or overlapping chunks)"
+        )
+    if len(shape) == 0 or len(boxes) <= 1:
+        if len(shape) == 0 and len(boxes) != 1:
+            raise LayoutError(f"{name}: scalar needs exactly one chunk, got {len(boxes)}")
+        return
+    # Volumes add up; any overlap would then imply a gap.  Sweep on dim 0 to
+    # find overlaps: only boxes whose dim-0 ranges overlap can intersect.
+    order = sorted(boxes, key=lambda b: b.offsets[0])
+    active: list[Box] = []
+    for b in order:
+        active = [a for a in active if a.ends[0] > b.offsets[0]]
+        for a in active:
+            if a.intersect(b) is not None and a.numel and b.numel:
+                raise LayoutError(f"{name}: chunks {a.offsets}+{a.sizes} and {b.offsets}+{b.sizes} overlap")
+        active.append(b)
+
+
+def _norm_tensor_map(tensor_map) -> tuple[tuple[int, ...], ...]:
+    out = []
+    for entry in tensor_map:
+        if isinstance(entry, (list, tuple)):
+            axes = _ints(entry, "tensor_map entry")
+            axes = tuple(a for a in axes if a != -1)
+        else:
+            (a,) = _ints([entry], "tensor_map entry")
+            axes = () if a == -1 else (a,)
+        out.append(axes)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """How one tensor is cut over a device matrix (one pipeline stage)."""
+
+    dev_matrix: tuple[int, ...]
+    tensor_map: tuple[tuple[int, ...], ...]
+    opt_shard_step: int = 0
+    opt_shard_size: int = 0
+
+    def __post_init__(self):
+        dm = _ints(self.dev_matrix, "dev_matrix")
+        if not dm or any(d < 1 for d in dm):
+            raise StrategyError(f"dev_matrix {list(dm)} must be non-empty positive integers")
+        object.__setattr__(self, "dev_matrix", dm)
+        tm = _norm_tensor_map(self.tensor_map)
+        object.__setattr__(self, "tensor_map", tm)
+        seen: set[int] = set()
+        for axes in tm:
+            for a in axes:
+                if not 0 <= a < len(dm):
+                    raise StrategyError(
+                        f"tensor_map {self.json_tensor_map()} names device axis {a}, "
+                        f"but dev_matrix {list(dm)} has {len(dm)} axes"
+                    )
+                if a in seen:
+                    raise StrategyError(f"tensor_map {self.json_tensor_map()} uses device axis {a} twice")
+                seen.add(a)
+        step, size = int(self.opt_shard_step), int(self.opt_shard_size)
+        if size == -1:  # all replicated axes (MindSpore _extract_layout_item)
+            size = self.device_num // step if step > 0 else 0
+        if step < 0 or size < 0:
+            raise StrategyError(f"bad optimizer shard step {step} / size {size}")
+        if step == 0 or size <= 1:
+            step, size = 0, 0
+        object.__setattr__(self, "opt_shard_step", step)
+        object.__setattr__(self, "opt_shard_size", size)
+
+    def json_tensor_map(self) -> list:
+        return [list(a) if len(a) > 1 else (a[0] if a else -1) for a in self.tensor_map]
+
+    @property
+    def device_num(self) -> int:
+        return math.prod(self.dev_matrix)
+
+    def axis_size(self, axis: int) -> int:
+        return self.dev_matrix[len(self.dev_matrix) - 1 - axis]
+
+    @property
+    def splits(self) -> tuple[int, ...]:
+        """Model-parallel split count per tensor dim."""
+        return tuple(math.prod(self.axis_size(a) for a in axes) for axes in self.tensor_map)
+
+    def full_splits(self) -> tuple[int, ...]:
+        """Split count per dim including the optimizer shard on dim 0."""
+        s = list(self.splits)
+        if self.opt_shard_size and s:
+            s[0] *= self.opt_shard_size
+        return tuple(s)
+
+    def validate(self, shape: Sequence[int], name: str = "tensor") -> None:
+        shape = tuple(shape)
+        if len(shape) != len(self.tensor_map):
+            raise StrategyError(
+                f"{name}: strategy tensor_map {self.json_tensor_map()} has {len(self.tensor_map)} dims "
+                f"but the tensor has shape {list(shape)}"
+            )
+        if self.opt_shard_size and self.opt_shard_step != math.prod(self.splits):
+            raise StrategyError(
+                f"{name}: optimizer shard step {self.opt_shard_step} must equal the model-parallel "
+                f"shard count {math.prod(self.splits)} (MindSpore requires it)"
+            )
+        for i, (n, k) in enumerate(zip(shape, self.full_splits())):
+            if n % k:
+                raise StrategyError(
+                    f"{name}: dim {i} of shape {list(shape)} is not divisible by its split count {k} "
+                    f"(dev_matrix {list(self.dev_matrix)}, tensor_map {self.json_tensor_map()}"
+                    + (f", optimizer shard {self.opt_shard_size}" if self.opt_shard_size else "")
+                    + ")"
+                )
+
+    def block_indices(self, ranks: np.ndarray) -> np.ndarray:
+        """Block index per dim (including the optimizer shard) for many ranks: (R, ndim)."""
+        ranks = np.asarray(ranks, dtype=np.int64) % self.device_num
+        coords = np.stack(np.unravel_index(ranks, self.dev_matrix), axis=-1) if ranks.size else np.zeros((0, len(self.dev_matrix)), np.int64)
+        nd = len(self.dev_matrix)
+        out = np.zeros((ranks.shape[0], len(self.tensor_map)), dtype=np.int64)
+        for i, axes in enumerate(self.tensor_map):
+            idx = np.zeros(ranks.shape[0], dtype=np.int64)
+            for a in axes:  # first listed axis is outermost
+                idx = idx * self.axis_size(a) + coords[:, nd - 1 - a]
+            out[:, i] = idx
+        if self.opt_shard_size and out.shape[1]:
+            opt = (ranks // self.opt_shard_step) % self.opt_shard_size
+            out[:, 0] = out[:, 0] * self.opt_shard_size + opt
+        return out
+
+    def box(self, rank: int, shape: Sequence[int]) -> Box:
+        """The part of a tensor of global ``shape`` that ``rank`` holds."""
+        shape = tuple(shape)
+        splits = self.full_splits()
+        blocks = self.block_indices(np.array([rank]))[0]
+        sizes = tuple(n // k for n, k in zip(shape, splits))
+        return Box(tuple(int(b) * s for b, s in zip(blocks, sizes)), sizes)
+
+    def to_json(self) -> dict:
+        return {
+            "dev_matrix": list(self.dev_matrix),
+            "tensor_map": self.json_tensor_map(),
+            "opt_weight_shard_step": self.opt_shard_step,
+            "opt_weight_shard_size": self.opt_shard_size,
+        }
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter of a strategy: its layout, the stages that hold it, its global shape if known."""
+
+    name: str
+    layout: TensorLayout
+    stages: tuple[int, ...] = (0,)
+    shape: tuple[int, ...] | None = None
+    field: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "stages", tuple(sorted(set(_ints(self.stages, "stages")))))
+        if self.shape is not None:
+            object.__setattr__(self, "shape", _ints(self.shape, f"{self.name}: tensor_shape"))
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """What every rank of a job holds: parameter layouts over pipeline stages."""
+
+    params: Mapping[str, ParamSpec]
+    num_stages: int = 1
+    stage_device_num: int = field(default=0)
+
+    def __post_init__(self):
+        params = dict(self.params)
+        object.__setattr__(self, "params", params)
+        dn = {p.layout.device_num for p in params.values()}
+        if self.stage_device_num == 0:
+            if len(dn) > 1:
+                raise StrategyError(f"layouts disagree on the device count per stage: {sorted(dn)}")
+            object.__setattr__(self, "stage_device_num", dn.pop() if dn else 1)
+        for p in params.values():
+            if p.layout.device_num != self.stage_device_num:
+                raise StrategyError(
+                    f"{p.name}: dev_matrix {list(p.layout.dev_matrix)} covers {p.layout.device_num} devices, "
+                    f"other parameters cover {self.stage_device_num}"
+                )
+            for s in p.stages:
+                if not 0 <= s < self.num_stages:
+                    raise StrategyError(f"{p.name}: stage {s} outside 0..{self.num_stages - 1}")
+
+    @property
+    def world_size(self) -> int:
+        return self.num_stages * self.stage_device_num
+
+    def stage_of(self, rank: int) -> int:
+        return rank // self.stage_device_num
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.params
+
+    def holds(self, name: str, rank: int) -> bool:
+        return self.stage_of(rank) in self.params[name].stages
+
+    def global_shape(self, name: str, local_shape: Sequence[int]) -> tuple[int, ...]:
+        """Global shape from the slice one rank holds."""
+        spec = self.params[name]
+        if len(local_shape) != len(spec.layout.tensor_map):
+            raise StrategyError(
+                f"{name}: strategy tensor_map {spec.layout.json_tensor_map()} has "
+                f"{len(spec.layout.tensor_map)} dims but the slice has shape {list(local_shape)}"
+            )
+        return tuple(int(n) * k for n, k in zip(local_shape, spec.layout.full_splits()))
+
+    def box(self, name: str, rank: int, shape: Sequence[int]) -> Box | None:
+        """The part of ``name`` that ``rank`` holds, None if its stage does not hold it."""
+        spec = self.params[name]
+        if not self.holds(name, rank):
+            return None
+        return spec.layout.box(rank, shape)
+
+    def ranks_holding(self, name: str) -> np.ndarray:
+        spec = self.params[name]
+        return np.concatenate(
+            [np.arange(s * self.stage_device_num, (s + 1) * self.stage_device_num) for s in spec.stages]
+        ) if spec.stages else np.zeros(0, np.int64)
+
+    def replica_groups(self, name: str, shape: Sequence[int]) -> list[tuple[Box, np.ndarray]]:
+        """Distinct boxes of ``name`` with the ranks that hold each, in box order."""
+        spec = self.params[name]
+        spec.layout.validate(shape, name)
+        ranks = self.ranks_holding(name)
+        blocks = spec.layout.block_indices(ranks)
+        sizes = tuple(int(n) // k for n, k in zip(shape, spec.layout.full_splits()))
+        if blocks.shape[1] == 0:
+            return [(Box((), ()), ranks)]
+        uniq, inverse = np.unique(blocks, axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        order = np.argsort(inverse, kind="stable")
+        bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
+        groups = []
+        for g, row in enumerate(uniq):
+            box = Box(tuple(int(b) * s for b, s in zip(row, sizes)), sizes)
+            groups.append((box, ranks[order[bounds[g] : bounds[g + 1]]]))
+        return groups
+
+    def subset(self, names: Iterable[str]) -> Strategy:
+        keep = set(names)
+        return Strategy(
+            {n: p for n, p in self.params.items() if n in keep},
+            self.num_stages,
+            self.stage_device_num,
+        )
