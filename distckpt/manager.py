@@ -1,0 +1,266 @@
+"""CheckpointManager: save every N steps, keep the last K (and the best), resume into any layout.
+
+Layout on storage: ``ROOT/{step}/`` is one distckpt checkpoint per step.  A
+step counts only once its index is committed, so a save killed half way is
+invisible (and removed by the next retention pass or ``distckpt gc``).
+
+Who does what during ``save(step, ...)``:
+
+1. (all ranks) wait for the previous async save; re-raise its error if it failed;
+2. (all ranks) stage: copy this rank's arrays into host memory (async only);
+3. (all ranks, background thread if async) ``distckpt.save`` into ``ROOT/{step}``;
+4. (rank 0) once committed, apply retention: delete old steps, never the
+   newest committed one, never the best one, never one this process reads.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError, DistCkptError, NotCommittedError
+from .index import INDEX_NAME, MAX_INDEX_BYTES, Index
+from .storage import open_storage
+
+__all__ = ["CheckpointManager"]
+
+_STEP = re.compile(r"^\d+$")
+DEFAULT_STAGING_LIMIT = 8 << 30
+
+
+class CheckpointManager:
+    """Orbax-style manager over distckpt checkpoints, on any storage backend and under mpirun."""
+
+    def __init__(
+        self,
+        root,
+        *,
+        max_to_keep: int | None = None,
+        save_interval_steps: int = 1,
+        keep_period: int | None = None,
+        best_fn: Callable[[Mapping[str, Any]], float] | None = None,
+        best_mode: str = "max",
+        async_save: bool = False,
+        storage_options: dict | None = None,
+        comm=None,
+        staging_limit_bytes: int | None = None,
+    ):
+        if max_to_keep is not None and max_to_keep < 1:
+            raise ConfigError(f"max_to_keep must be >= 1 or None, got {max_to_keep}")
+        if save_interval_steps < 1:
+            raise ConfigError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
+        if keep_period is not None and keep_period < 1:
+            raise ConfigError(f"keep_period must be >= 1 or None, got {keep_period}")
+        if best_mode not in ("max", "min"):
+            raise ConfigError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+        self.root = os.fspath(root)
+        self.storage = open_storage(self.root, storage_options)
+        self.storage_options = storage_options
+        self.max_to_keep = max_to_keep
+        self.save_interval_steps = save_interval_steps
+        self.keep_period = keep_period
+        self.best_fn = best_fn
+        self.best_mode = best_mode
+        self.async_save = async_save
+        self._comm = comm
+        env_limit = os.environ.get("DISTCKPT_STAGING_LIMIT")
+        self.staging_limit = staging_limit_bytes or (int(env_limit) if env_limit else DEFAULT_STAGING_LIMIT)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._reading: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._metrics_cache: dict[int, Any] = {}
+
+    # ---------------------------------------------------------------- steps
+    def _comm_obj(self):
+        from .comm import get_comm
+
+        return get_comm(self._comm)
+
+    def step_path(self, step: int) -> str:
+        return self.storage.child_url(str(int(step)))
+
+    def all_steps(self) -> list[int]:
+        """Committed steps, ascending."""
+        steps = []
+        for name in self.storage.listdir():
+            if _STEP.match(name) and self.storage.exists(f"{name}/{INDEX_NAME}"):
+                steps.append(int(name))
+        return sorted(steps)
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def should_save(self, step: int) -> bool:
+        return step % self.save_interval_steps == 0
+
+    def metrics(self, step: int) -> Mapping[str, Any] | None:
+        if step not in self._metrics_cache:
+            try:
+                idx = Index.loads(
+                    self.storage.read_bytes(f"{step}/{INDEX_NAME}", limit=MAX_INDEX_BYTES),
+                    where=self.storage.child_url(f"{step}/{INDEX_NAME}"),
+                )
+            except (FileNotFoundError, DistCkptError):
+                return None
+            self._metrics_cache[step] = idx.metadata.get("metrics")
+        return self._metrics_cache[step]
+
+    # ----------------------------------------------------------------- save
+    def save(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        strategy=None,
+        metrics: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Save ``state`` as ``step`` if the interval says so (or ``force``); return whether it did."""
+        self.wait()  # at most one save in flight; surfaces a background error here
+        if not force and not self.should_save(step):
+            return False
+        meta = {"step": int(step)}
+        if metrics is not None:
+            meta["metrics"] = dict(metrics)
+        if self.async_save:
+            staged = self._stage(state)
+            if staged is not None:
+                self._thread = threading.Thread(
+                    target=self._background, args=(step, staged, strategy, meta), name=f"distckpt-save-{step}", daemon=True
+                )
+                self._thread.start()
+                return True
+        self._save_now(step, state, strategy, meta)
+        return True
+
+    def _stage(self, state: Mapping[str, Any]) -> dict | None:
+        """Copy arrays into host memory so training may change them; None when over the cap."""
+        from .api import _as_numpy
+
+        total = 0
+        staged: dict[str, Any] = {}
+        for k, v in state.items():
+            arr = _as_numpy(k, v)
+            if arr is None:
+                staged[k] = v
+                continue
+            total += arr.nbytes
+            if total > self.staging_limit:
+                return None  # over the hard cap: save synchronously instead
+            staged[k] = np.array(arr, copy=True)
+        return staged
+
+    def _background(self, step, staged, strategy, meta) -> None:
+        try:
+            self._save_now(step, staged, strategy, meta)
+        except BaseException as exc:  # noqa: BLE001 - surfaced at the next save() / wait()
+            self._error = exc
+        finally:
+            staged.clear()
+
+    def _save_now(self, step, state, strategy, meta) -> None:
+        from .api import save
+
+        c = self._comm_obj()
+        save(state, self.step_path(step), strategy=strategy, comm=c, storage_options=self.storage_options, metadata=meta)
+        if meta.get("metrics") is not None:
+            self._metrics_cache[int(step)] = meta["metrics"]
+        c.run("manager.retention", self._retention if c.rank == 0 else (lambda: None))
+        c.barrier("manager.saved")
+
+    def wait(self) -> None:
+        """Block until the pending save (if any) is committed; raise its error."""
+        t = self._thread
+        if t is not None:
+            t.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def close(self) -> None:
+        self.wait()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ retention
+    def _best_step(self, steps: list[int]) -> int | None:
+        if self.best_fn is None:
+            return None
+        scored = []
+        for s in steps:
+            m = self.metrics(s)
+            if m is None:
+                continue
+            scored.append((float(self.best_fn(m)), s))
+        if not scored:
+            return None
+        pick = max(scored) if self.best_mode == "max" else min(scored, key=lambda x: (x[0], -x[1]))
+        return pick[1]
+
+    def _retention(self) -> None:
+        steps = self.all_steps()
+        if not steps:
+            return
+        keep = {steps[-1]}
+        best = self._best_step(steps)
+        if best is not None:
+            keep.add(best)
+        if self.keep_period:
+            keep.update(s for s in steps if s % self.keep_period == 0)
+        if self.max_to_keep is None:
+            keep.update(steps)
+        else:
+            if self.best_fn is not None:
+                # Orbax: keep the top max_to_keep by metric
+                ranked = [s for s in steps if self.metrics(s) is not None]
+                ranked.sort(key=lambda s: float(self.best_fn(self.metrics(s))), reverse=self.best_mode == "max")  # type: ignore[misc, arg-type]
+                keep.update(ranked[: self.max_to_keep])
+                keep.update(s for s in steps if self.metrics(s) is None and s in steps[-self.max_to_keep :])
+            else:
+                keep.update(steps[-self.max_to_keep :])
+        with self._lock:
+            reading = {s for s, n in self._reading.items() if n > 0}
+        doomed = [s for s in steps if s not in keep and s not in reading]
+        for s in doomed:
+            # remove the index first: a half-deleted step is then uncommitted, never wrong
+            self.storage.remove([f"{s}/{INDEX_NAME}"])
+            self.storage.remove([str(s)])
+            self._metrics_cache.pop(s, None)
+
+    # -------------------------------------------------------------- restore
+    def restore(self, step: int | None = None, *, strategy=None, rank: int | None = None, **kwargs) -> dict:
+        """Load ``step`` (the latest committed by default) into any layout."""
+        from .api import load
+
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise NotCommittedError(f"{self.root}: no committed checkpoint to restore")
+        with self._lock:
+            self._reading[step] = self._reading.get(step, 0) + 1
+        try:
+            if not self.storage.exists(f"{step}/{INDEX_NAME}"):
+                raise NotCommittedError(f"not a committed checkpoint: {self.step_path(step)}")
+            return load(
+                self.step_path(step),
+                strategy=strategy,
+                rank=rank,
+                storage_options=self.storage_options,
+                comm=self._comm,
+                **kwargs,
+            )
+        finally:
+            with self._lock:
+                self._reading[step] -= 1
