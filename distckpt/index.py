@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import dtypes
-from .errors import FormatError
-from .layout import Box
+from .errors import FormatError, LayoutError
+from .layout import Box, check_tiling
 from .storage import safe_name
 
 __all__ = [
@@ -270,6 +270,10 @@ class Index:
                         rank if isinstance(rank, int) and not isinstance(rank, bool) else None,
                     )
                 )
+            try:
+                check_tiling(shape, [c.box for c in chunks], name=name)
+            except LayoutError as exc:
+                raise FormatError(f"{where}: {exc}") from None
             tensors[name] = TensorInfo(name, dtype, shape, tuple(chunks))
         values_doc = doc.get("values", {})
         if not isinstance(values_doc, dict):
