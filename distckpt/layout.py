@@ -165,6 +165,7 @@ class TensorLayout:
     tensor_map: tuple[tuple[int, ...], ...]
     opt_shard_step: int = 0
     opt_shard_size: int = 0
+    _opt_axes: tuple[tuple[int, int], ...] = field(default=(), compare=False, repr=False)
 
     def __post_init__(self):
         dm = _ints(self.dev_matrix, "dev_matrix")
@@ -185,14 +186,58 @@ class TensorLayout:
                     raise StrategyError(f"tensor_map {self.json_tensor_map()} uses device axis {a} twice")
                 seen.add(a)
         step, size = int(self.opt_shard_step), int(self.opt_shard_size)
-        if size == -1:  # all replicated axes (MindSpore _extract_layout_item)
-            size = self.device_num // step if step > 0 else 0
-        if step < 0 or size < 0:
+        if step < 0 or size < -1:
             raise StrategyError(f"bad optimizer shard step {step} / size {size}")
+        if size == -1:  # all replicated axes (MindSpore _extract_layout_item)
+            size = math.prod(dm[i] for i in self._replicated_axes(dm, tm))
         if step == 0 or size <= 1:
             step, size = 0, 0
         object.__setattr__(self, "opt_shard_step", step)
         object.__setattr__(self, "opt_shard_size", size)
+        object.__setattr__(self, "_opt_axes", self._resolve_opt_axes(dm, tm, step, size))
+
+    @staticmethod
+    def _replicated_axes(dm: tuple[int, ...], tm: tuple[tuple[int, ...], ...]) -> list[int]:
+        """dev_matrix indices (from the left) that no tensor dim is split over, of size > 1."""
+        sharded = {len(dm) - 1 - a for axes in tm for a in axes}
+        return [i for i, n in enumerate(dm) if i not in sharded and n > 1]
+
+    def _resolve_opt_axes(self, dm, tm, step: int, size: int) -> tuple[tuple[int, int], ...]:
+        """The replicated axes the optimizer shard uses, taken from the right, as (index, modulus).
+
+        Mirrors ``mindspore/parallel/_tensor.py: _construct_tensor_layout_for_opt_shard``
+        and its helper: an axis larger than the remaining shard count is split and
+        its fast-varying part (coordinate % remaining) is used.
+        """
+        if not size:
+            return ()
+        rep = self._replicated_axes(dm, tm)
+        where = f"dev_matrix {list(dm)} tensor_map {self.json_tensor_map()}"
+        if not rep:
+            raise StrategyError(f"{where} has no replicated device axis for an optimizer shard of {size}")
+        if len(rep) == 1 and math.prod(dm[rep[0] + 1 :]) != step:
+            raise StrategyError(
+                f"{where}: optimizer shard step {step} must equal the stride {math.prod(dm[rep[0] + 1:])} "
+                "of the replicated device axis (MindSpore requires it)"
+            )
+        remaining, used = size, []
+        for i in reversed(rep):
+            n = dm[i]
+            if remaining < n:
+                if n % remaining:
+                    raise StrategyError(f"{where}: device axis of size {n} cannot be divided by optimizer shard {remaining}")
+                used.append((i, remaining))
+                remaining = 1
+            else:
+                if remaining % n:
+                    raise StrategyError(f"{where}: optimizer shard {remaining} is not divisible by device axis size {n}")
+                used.append((i, n))
+                remaining //= n
+            if remaining == 1:
+                break
+        if remaining != 1:
+            raise StrategyError(f"{where}: optimizer shard {size} exceeds the replicated devices")
+        return tuple(sorted(used))
 
     def json_tensor_map(self) -> list:
         return [list(a) if len(a) > 1 else (a[0] if a else -1) for a in self.tensor_map]
@@ -223,11 +268,6 @@ class TensorLayout:
                 f"{name}: strategy tensor_map {self.json_tensor_map()} has {len(self.tensor_map)} dims "
                 f"but the tensor has shape {list(shape)}"
             )
-        if self.opt_shard_size and self.opt_shard_step != math.prod(self.splits):
-            raise StrategyError(
-                f"{name}: optimizer shard step {self.opt_shard_step} must equal the model-parallel "
-                f"shard count {math.prod(self.splits)} (MindSpore requires it)"
-            )
         for i, (n, k) in enumerate(zip(shape, self.full_splits())):
             if n % k:
                 raise StrategyError(
@@ -249,7 +289,9 @@ class TensorLayout:
                 idx = idx * self.axis_size(a) + coords[:, nd - 1 - a]
             out[:, i] = idx
         if self.opt_shard_size and out.shape[1]:
-            opt = (ranks // self.opt_shard_step) % self.opt_shard_size
+            opt = np.zeros(ranks.shape[0], dtype=np.int64)
+            for i, mod in self._opt_axes:  # leftmost axis outermost
+                opt = opt * mod + coords[:, i] % mod
             out[:, 0] = out[:, 0] * self.opt_shard_size + opt
         return out
 
