@@ -174,11 +174,34 @@ def _print_inspect(info: dict) -> None:
         print("values: " + ", ".join(f"{k}={v!r}" for k, v in info["values"].items()))
 
 
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """Options from ``--config FILE`` (if any), overridden by the flags that were given."""
+    opts: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        from .config import load_config
+
+        cfg = load_config(args.config)
+        ck, strat = cfg["checkpoint"], cfg["strategy"]
+        opts = {
+            "storage_options": ck.get("storage_options") or None,
+            "src_strategy": strat.get("src"),
+            "dst_strategy": strat.get("dst"),
+            "max_shard_size": ck.get("max_shard_size"),
+            "prefix": ck.get("prefix"),
+        }
+        if args.command in ("split", "reshard"):
+            opts["format"] = ck.get("format")
+    for key in ("storage_options", "src_strategy", "dst_strategy", "max_shard_size", "prefix", "format"):
+        flag = getattr(args, key, None)
+        if flag is not None:
+            opts[key] = flag
+    return opts
+
+
 def _run(args: argparse.Namespace) -> int:
     from . import api
-    from .config import apply_config
 
-    opts = apply_config(args)
+    opts = _options(args)
     so = opts.get("storage_options")
     cmd = args.command
     quiet = bool(args.quiet)
