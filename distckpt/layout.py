@@ -18,6 +18,7 @@ MindSpore semantics (DESIGN §2.2):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -394,20 +395,14 @@ class Strategy:
         """Distinct boxes of ``name`` with the ranks that hold each, in box order."""
         spec = self.params[name]
         spec.layout.validate(shape, name)
-        ranks = self.ranks_holding(name)
-        blocks = spec.layout.block_indices(ranks)
         sizes = tuple(int(n) // k for n, k in zip(shape, spec.layout.full_splits()))
-        if blocks.shape[1] == 0:
-            return [(Box((), ()), ranks)]
-        uniq, inverse = np.unique(blocks, axis=0, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        order = np.argsort(inverse, kind="stable")
-        bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
-        groups = []
-        for g, row in enumerate(uniq):
-            box = Box(tuple(int(b) * s for b, s in zip(row, sizes)), sizes)
-            groups.append((box, ranks[order[bounds[g] : bounds[g + 1]]]))
-        return groups
+        if not spec.layout.tensor_map:
+            return [(Box((), ()), self.ranks_holding(name))]
+        uniq, members = _block_groups(spec.layout, spec.stages, self.stage_device_num)
+        return [
+            (Box(tuple(int(b) * s for b, s in zip(row, sizes)), sizes), ranks)
+            for row, ranks in zip(uniq.tolist(), members)
+        ]
 
     def subset(self, names: Iterable[str]) -> Strategy:
         keep = set(names)
@@ -416,3 +411,34 @@ class Strategy:
             self.num_stages,
             self.stage_device_num,
         )
+
+
+@functools.lru_cache(maxsize=1024)
+def _block_groups(layout: TensorLayout, stages: tuple[int, ...], stage_device_num: int):
+    """Distinct block indices of ``layout`` and the (sorted) ranks holding each.
+
+    Depends only on the layout and stages, not on the tensor, so tensors that
+    share a layout share the work (planning 10,000 ranks x 1,000 tensors).
+    One integer key per rank (its row-major block number) makes this a 1-d
+    unique, ~100x faster than ``np.unique(axis=0)``, in the same order.
+    """
+    ranks = (
+        np.concatenate([np.arange(s * stage_device_num, (s + 1) * stage_device_num) for s in stages])
+        if stages
+        else np.zeros(0, np.int64)
+    )
+    blocks = layout.block_indices(ranks)
+    splits = layout.full_splits()
+    keys = np.ravel_multi_index(tuple(blocks.T), splits)
+    ukeys, inverse = np.unique(keys, return_inverse=True)
+    uniq = np.stack(np.unravel_index(ukeys, splits), axis=-1)
+    inverse = inverse.reshape(-1)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.searchsorted(inverse[order], np.arange(len(ukeys) + 1))
+    members = []
+    for g in range(len(ukeys)):
+        m = ranks[order[bounds[g] : bounds[g + 1]]]
+        m.setflags(write=False)
+        members.append(m)
+    uniq.setflags(write=False)
+    return uniq, tuple(members)

@@ -62,12 +62,12 @@ def plan_save(
     in name order, so writes spread evenly and every rank computes the same
     plan from the layout alone.
     """
-    turn: dict[tuple[int, ...], int] = {}
+    turn: dict[tuple[bytes, int], int] = {}
     everyone = np.arange(world_size, dtype=np.int64)
     items: list[WriteItem] = []
 
     def pick(ranks: np.ndarray) -> int:
-        key = tuple(int(r) for r in ranks[:64]) + (len(ranks),)
+        key = (np.ascontiguousarray(ranks[:64], dtype=np.int64).tobytes(), len(ranks))
         k = turn.get(key, 0)
         turn[key] = k + 1
         return int(ranks[k % len(ranks)])

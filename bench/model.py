@@ -1,0 +1,115 @@
+"""The synthetic model the bench measures: an LLM-shaped set of tensors and its layouts.
+
+Shapes follow a decoder LLM with hidden size ``h``: an embedding (4h x h, split on
+dim 0), and per layer qkv (3h x h, dim 0), o (h x h, dim 1), mlp up (4h x h, dim 0),
+mlp down (h x 4h, dim 1) and two norms (h, replicated).  The number of layers is
+picked so the model has about ``size`` bytes, so the largest tensor (4h^2 elements)
+stays the same when the size grows: memory should stay flat, time linear.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from distckpt import dtypes
+from distckpt.layout import ParamSpec, Strategy, TensorLayout
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Model:
+    hidden: int
+    layers: int
+    dtype: str
+    tensors: tuple[tuple[str, tuple[int, ...], int | None], ...]  # name, shape, split dim (None: replicated)
+
+    @property
+    def itemsize(self) -> int:
+        return dtypes.itemsize(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(math.prod(s) for _, s, _ in self.tensors) * self.itemsize
+
+    @property
+    def largest(self) -> int:
+        return max(math.prod(s) for _, s, _ in self.tensors) * self.itemsize
+
+
+def default_hidden(size: int) -> int:
+    if size >= 256 * MiB:
+        return 2048
+    if size >= 32 * MiB:
+        return 1024
+    return 256
+
+
+def make_model(size: int, dtype: str = "float32", hidden: int | None = None) -> Model:
+    h = hidden or default_hidden(size)
+    item = dtypes.itemsize(dtype)
+    per_layer = 12 * h * h + 2 * h
+    layers = max(1, round((size / item - 4 * h * h) / per_layer))
+    ts: list[tuple[str, tuple[int, ...], int | None]] = [("model.embed.weight", (4 * h, h), 0)]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        ts += [
+            (p + "attn.qkv.weight", (3 * h, h), 0),
+            (p + "attn.o.weight", (h, h), 1),
+            (p + "mlp.up.weight", (4 * h, h), 0),
+            (p + "mlp.down.weight", (h, 4 * h), 1),
+            (p + "norm1.weight", (h,), None),
+            (p + "norm2.weight", (h,), None),
+        ]
+    ts.append(("model.norm.weight", (h,), None))
+    return Model(h, layers, dtype, tuple(ts))
+
+
+def strategy(model: Model, dp: int, tp: int, *, dim: int | None = None) -> Strategy:
+    """DP x TP layout: dev_matrix [dp, tp]; the TP axis (index 0 from the right) splits each tensor's dim.
+
+    ``dim`` forces every 2-D tensor to be split on that dim (0: rows, the
+    outer dim; 1: columns, the inner dim) instead of the model's own choice.
+    """
+    params = {}
+    for name, shape, split in model.tensors:
+        tm = [-1] * len(shape)
+        if split is not None:
+            tm[dim if dim is not None and len(shape) == 2 else split] = 0
+        params[name] = ParamSpec(name, TensorLayout((dp, tp), tuple(tm)), shape=shape)
+    return Strategy(params)
+
+
+def tensor_data(model: Model, name: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """Deterministic pseudo-random values (finite: uniform [0, 1))."""
+    rng = np.random.default_rng([zlib.crc32(name.encode()), seed])
+    a = rng.random(shape, dtype=np.float32)
+    if model.dtype == "float32":
+        return a
+    return a.astype(dtypes.to_numpy(model.dtype))
+
+
+def rank_states(model: Model, strat: Strategy, seed: int = 0):
+    """Each rank's local (contiguous) slices; DP replicas share the same arrays.
+
+    Returns ``{rank: {name: array}}``; the model's bytes are held once.
+    """
+    world = strat.world_size
+    states: dict[int, dict[str, np.ndarray]] = {r: {} for r in range(world)}
+    for name, shape, _ in model.tensors:
+        full = tensor_data(model, name, shape, seed)
+        pieces: dict[tuple, np.ndarray] = {}
+        for r in range(world):
+            box = strat.box(name, r, shape)
+            assert box is not None
+            if box.offsets not in pieces:
+                idx = tuple(slice(o, o + s) for o, s in zip(box.offsets, box.sizes))
+                pieces[box.offsets] = np.ascontiguousarray(full[idx])
+            states[r][name] = pieces[box.offsets]
+        del full
+    return states
