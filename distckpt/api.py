@@ -32,7 +32,7 @@ from .errors import (
     StrategyError,
 )
 from .index import INDEX_NAME, MAX_INDEX_BYTES, Chunk, Index, TensorInfo
-from .io import DEFAULT_BLOCK_SIZE, PendingChunk, ReadStats, read_box, write_chunk_file
+from .io import DEFAULT_BLOCK_SIZE, PendingChunk, ReadStats, chunk_block_size, read_box, write_chunk_file
 from .layout import Box, Strategy, check_tiling, full_box
 from .plan import plan_save
 from .sources import Source, box_of, open_source
@@ -59,11 +59,11 @@ def _as_numpy(name: str, v: Any) -> np.ndarray | None:
         return v
     if isinstance(v, np.generic):
         return np.asarray(v)
-    mod = type(v).__module__ or ""
-    if mod.startswith("mindspore"):
+    # a mindspore Parameter's class lives in module "abc"; look along the MRO
+    if any((c.__module__ or "").startswith("mindspore") for c in type(v).__mro__):
         from .mindspore import to_numpy
 
-        return to_numpy(v)
+        return to_numpy(v, name=name)
     if isinstance(v, (bool, int, float, str)):
         return None
     raise FormatError(f"state entry {name!r} has unsupported type {type(v).__name__}; use arrays or int/float/bool/str")
@@ -425,9 +425,8 @@ class _Output:
             if had:
                 p.remove([old])
             return
-        if p.exists(self.base):
-            p.remove([self.base])
-        p.fs.mv(p.path(self.tmp_name), p.path(self.base), recursive=not self.is_file)
+        # object stores: server-side copies, the index last, stale objects dropped after
+        p.replace(self.tmp_name, self.base, commit_last=INDEX_NAME)
 
 
 def _split_url(url: str) -> tuple[str, str]:
@@ -498,9 +497,25 @@ def _write_safetensors_file(storage: Storage, fname: str, items, values: Mapping
         raise
 
 
-def _copy_configs(src: Source, out: Storage) -> None:
+def _copy_configs(src: Source, out: Storage, *, json_only: bool = False) -> None:
+    """Copy SRC's config files.  ``json_only``: no YAML (MindFormers' from_pretrained takes a
+    directory with a YAML for a one-file ``.ckpt`` directory and would load only the first shard),
+    and a ``config.json`` derived from the YAML when SRC has none."""
+    import json
+
+    yamls = [n for n in src.config_files if n.endswith((".yaml", ".yml"))]
     for n in src.config_files:
-        out.put(n, src.storage.read_bytes(n, limit=64 << 20))
+        if not (json_only and n in yamls):
+            out.put(n, src.storage.read_bytes(n, limit=64 << 20))
+    if json_only and yamls and "config.json" not in src.config_files:
+        from .mindspore.config import read_config
+
+        pick = f"{src.name}.yaml" if f"{src.name}.yaml" in yamls else sorted(yamls)[0]
+        found = read_config(src.storage.child_url(pick), storage_options=src.storage.storage_options)
+        doc = dict(found.config)
+        if found.arch:
+            doc["architectures"] = [found.arch]
+        out.put("config.json", (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _reader(src: Source, t: TensorInfo, box: Box, verify: bool, stats: ReadStats):
@@ -569,7 +584,7 @@ def merge(
             _copy_configs(source, out.storage)
         else:
             files = _write_pretrained_dir(out.storage, source, items, format, shard)
-            _copy_configs(source, out.storage)
+            _copy_configs(source, out.storage, json_only=bool(shard) and format == "ckpt")
     return {
         "dst": dst,
         "format": format,
@@ -669,7 +684,6 @@ def _write_lazy_file(storage: Storage, fname: str, lazy: _LazyChunks, rank: int)
         key = it.name + "@" + ",".join(str(o) for o in it.box.offsets) if it.box.ndim else it.name
         specs.append((key, it.dtype, it.box.sizes))
     out: dict[str, list[Chunk]] = {}
-    bs = DEFAULT_BLOCK_SIZE
     f = storage.open_write(fname)
     try:
         w = SafetensorsWriter(f, specs, metadata={"format": "distckpt"})
@@ -677,6 +691,7 @@ def _write_lazy_file(storage: Storage, fname: str, lazy: _LazyChunks, rank: int)
             t = lazy.source.tensors[it.name]
             arr = read_box(lazy.source.storage, t, it.box, verify=lazy.verify, stats=lazy.stats)
             mv = memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")
+            bs = chunk_block_size(len(mv))
             crcs = [_crc.crc32c(mv[j : j + bs]) for j in range(0, len(mv), bs)]
             start = w.data_offset(key)
             w.write(key, mv)

@@ -71,6 +71,7 @@ class Chunk:
             "length": length,
         }
         if self.crcs is not None:
+            out["block_size"] = self.block_size
             out["crc32c"] = list(self.crcs)
         if self.rank is not None:
             out["rank"] = self.rank
@@ -251,11 +252,12 @@ class Index:
                 if start + length > files[fname]:
                     raise FormatError(f"{cw}: bytes [{start}, {start + length}) lie past the end of {fname} ({files[fname]} bytes)")
                 crcs = None
+                chunk_bs = _int(c.get("block_size", block_size), f"{cw}: block_size", lo=1)
                 if "crc32c" in c:
                     crc_list = c["crc32c"]
                     if not isinstance(crc_list, list):
                         raise FormatError(f"{cw}: crc32c must be a list")
-                    want = -(-length // block_size) if length else 0
+                    want = -(-length // chunk_bs) if length else 0
                     if len(crc_list) != want:
                         raise FormatError(f"{cw}: {len(crc_list)} checksums for {want} blocks")
                     crcs = tuple(_int(x, f"{cw}: crc32c") for x in crc_list)
@@ -266,7 +268,7 @@ class Index:
                         fname,
                         ((start, length),),
                         crcs,
-                        block_size,
+                        chunk_bs,
                         rank if isinstance(rank, int) and not isinstance(rank, bool) else None,
                     )
                 )
