@@ -39,6 +39,7 @@ __all__ = ["Source", "open_source", "CONFIG_FILES"]
 
 CONFIG_FILES = ("config.json", "generation_config.json")
 _RANK_DIR = re.compile(r"^rank_(\d+)$")
+_DATA_FILE = re.compile(r"^data-[0-9A-Za-z]+-[0-9a-f]+-\d{5}\.safetensors$")  # api._data_name
 _STRATEGY_FILE = re.compile(r".*strateg.*\.(ckpt|pb|json)$", re.IGNORECASE)
 _TRAILING_NUM = re.compile(r"(\d+)(?!.*\d)")
 
@@ -274,6 +275,11 @@ def open_source(
         saved = strategy_from_json(index.strategy) if index.strategy else None
         stem = index.metadata.get("name") if isinstance(index.metadata.get("name"), str) else None
         return Source(storage, index, "distckpt", strategy or saved, configs, stem or _stem(configs), index.world_size)
+    if any(_DATA_FILE.match(n) for n in names) or any(n.startswith(".manifest-") for n in names):
+        raise NotCommittedError(
+            f"not a committed checkpoint: {url} has data files but no {INDEX_NAME} "
+            "(the save did not finish; run `distckpt finalize` for rank-mode saves, or `distckpt gc` to clean up)"
+        )
     rank_dirs = {int(m.group(1)): n for n in names if (m := _RANK_DIR.match(n))}
     if rank_dirs:
         if strategy is None:

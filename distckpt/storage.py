@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import os
 import posixpath
+import random
 import re
+import sys
 import threading
 import time
 import uuid
@@ -33,7 +35,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from .errors import StorageError
 
-__all__ = ["Storage", "open_storage", "safe_name", "env_storage_options", "is_url"]
+__all__ = ["Storage", "open_storage", "safe_name", "env_storage_options", "merge_options", "is_url"]
 
 T = TypeVar("T")
 
@@ -58,29 +60,189 @@ def is_url(path: str) -> bool:
 
 
 def env_storage_options(protocol: str) -> dict[str, Any]:
-    """Storage options from the usual environment (AWS_ENDPOINT_URL, ... for s3)."""
+    """Storage options from the usual environment (AWS_ENDPOINT_URL, ... for s3).
+
+    ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION`` /
+    ``AWS_DEFAULT_REGION``.  Explicit storage options win (see :func:`merge_options`).
+    """
     if protocol not in ("s3", "s3a"):
         return {}
+    env = os.environ
     opts: dict[str, Any] = {}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    client: dict[str, Any] = {}
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
     if endpoint:
-        opts["client_kwargs"] = {"endpoint_url": endpoint}
-    if os.environ.get("AWS_ACCESS_KEY_ID"):
-        opts["key"] = os.environ["AWS_ACCESS_KEY_ID"]
-    if os.environ.get("AWS_SECRET_ACCESS_KEY"):
-        opts["secret"] = os.environ["AWS_SECRET_ACCESS_KEY"]
+        client["endpoint_url"] = endpoint
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        client["region_name"] = region
+    if client:
+        opts["client_kwargs"] = client
+    if env.get("AWS_ACCESS_KEY_ID"):
+        opts["key"] = env["AWS_ACCESS_KEY_ID"]
+    if env.get("AWS_SECRET_ACCESS_KEY"):
+        opts["secret"] = env["AWS_SECRET_ACCESS_KEY"]
+    if env.get("AWS_SESSION_TOKEN"):
+        opts["token"] = env["AWS_SESSION_TOKEN"]
     return opts
 
 
+def merge_options(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, Any]:
+    """``base`` updated by ``override``; nested dicts (``client_kwargs``, ``config_kwargs``) merge key by key."""
+    out = dict(base)
+    for k, v in (override or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge_options(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError, TypeError)
+
+
 def _transient(exc: BaseException) -> bool:
-    return not isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError))
+    """Worth retrying: I/O, network and server errors; not missing files, permissions or bad arguments."""
+    from .errors import DistCkptError
+
+    if isinstance(exc, DistCkptError) and not isinstance(exc, StorageError):
+        return False
+    return isinstance(exc, Exception) and not isinstance(exc, _PERMANENT)
+
+
+class _RetryingWriter:
+    """A sequential writer on an object store (or any non-local fsspec file).
+
+    * each ``write`` is retried with backoff when it fails transiently: if the
+      file did not take the bytes (its position did not move) the write is
+      repeated, otherwise the buffered bytes are pushed again with ``flush``
+      (a part upload is idempotent);
+    * :meth:`commit` finishes the object (the final flush, retried; S3 makes a
+      multipart object visible only then, whole);
+    * :meth:`close` without a commit -- after a failed write, or while an
+      exception propagates -- *discards* the object instead of publishing a
+      partial one (plain fsspec files upload whatever they buffered on close).
+    """
+
+    def __init__(self, storage: Storage, path: str, f: Any):
+        self._st, self._path, self._f = storage, path, f
+        self._broken = False
+        self.closed = False
+
+    def write(self, data) -> int:
+        f = self._f
+        before = f.tell()
+        n = len(memoryview(data).cast("B")) if not isinstance(data, (bytes, bytearray)) else len(data)
+
+        def once() -> int:
+            pos = f.tell()
+            if pos == before:
+                f.write(data)
+            elif pos == before + n:
+                f.flush()  # the bytes are buffered; the failed part upload is pushed again
+            else:  # pragma: no cover - a file that took part of the bytes cannot be repaired
+                raise StorageError(f"write {self._path}: the file took {pos - before} of {n} bytes; cannot resume")
+            return n
+
+        try:
+            return self._st._retry(f"write {self._path}", once)
+        except BaseException:
+            self._broken = True
+            raise
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def flush(self) -> None:
+        pass  # fsspec files flush whole blocks by themselves; commit() publishes
+
+    def commit(self) -> None:
+        if self.closed:
+            return
+        if self._broken:
+            self.discard()
+            raise StorageError(f"write {self._path}: an earlier write failed; the object was discarded")
+        f = self._f
+        expected = f.tell()
+
+        def finish() -> None:
+            if getattr(f, "forced", False):
+                f.forced = False  # fsspec refuses a second forced flush; a retry needs one
+            if hasattr(f, "flush") and "forced" in dir(f):
+                f.flush(force=True)
+            f.close()
+
+        try:
+            self._st._retry(f"write {self._path}", finish)
+        except BaseException:
+            self._broken = True
+            self.discard()
+            raise
+        self.closed = True
+        self._st._invalidate(self._path)
+        # a retried upload must not publish duplicated or missing parts
+        got = self._st._retry(f"size {self._path}", lambda: self._st.fs.size(self._path))
+        if got != expected:
+            self.closed = False
+            self.discard()
+            raise StorageError(
+                f"write {self._path}: the stored object has {got} bytes, {expected} were written; it was removed"
+            )
+
+    def discard(self) -> None:
+        """Throw the object away (abort a multipart upload, drop buffers); never publish it."""
+        if self.closed:
+            return
+        self.closed = True
+        f = self._f
+        try:
+            if hasattr(f, "discard"):
+                f.discard()
+        except Exception:  # noqa: BLE001 - best effort, the name is removed below anyway
+            pass
+        try:
+            # mark closed without the flush that close() would do
+            f.closed = True
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            self._st.fs.rm_file(self._path)
+        except Exception:  # noqa: BLE001 - usually it was never created
+            pass
+        self._st._invalidate(self._path)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        if self._broken or sys.exc_info()[0] is not None:
+            self.discard()
+        else:
+            self.commit()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, et, ev, tb):
+        if et is None:
+            self.commit()
+        else:
+            self.discard()
+        return False
 
 
 class Storage:
     """A directory (local or remote) holding one checkpoint or a tree of them."""
 
-    retries = 4
+    #: attempts per operation (first try included) and the first backoff delay in
+    #: seconds; the delay doubles per attempt, with +-25 % jitter
+    retries = 5
     backoff = 0.05
+    #: object-store reads above this size are cut into pieces read concurrently
+    read_piece = 8 << 20
+    #: threads for :meth:`read_many` (local disks, object stores)
+    local_threads = 2
+    remote_threads = 16
 
     def __init__(self, url: str, storage_options: dict | None = None):
         import fsspec
@@ -88,7 +250,7 @@ class Storage:
 
         url = os.fspath(url)
         protocol = url.split("://", 1)[0] if is_url(url) else "file"
-        opts = {**env_storage_options(protocol), **(storage_options or {})}
+        opts = merge_options(env_storage_options(protocol), storage_options)
         self.storage_options = opts
         self.fs, root = fsspec.core.url_to_fs(url, **opts)
         self.is_local = isinstance(self.fs, LocalFileSystem)
@@ -99,6 +261,7 @@ class Storage:
         self.protocol = protocol
         self.bytes_read = 0
         self.read_requests = 0
+        self.retried = 0
         self._lock = threading.Lock()
 
     # ----------------------------------------------------------------- naming
@@ -115,6 +278,7 @@ class Storage:
         st.url = self.child_url(name)
         st.bytes_read = 0
         st.read_requests = 0
+        st.retried = 0
         return st
 
     def path(self, name: str) -> str:
@@ -132,28 +296,64 @@ class Storage:
             try:
                 return fn()
             except Exception as exc:  # noqa: BLE001 - classified below
-                if not _transient(exc) or attempt == self.retries - 1:
-                    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+                if not _transient(exc):
+                    raise
+                if attempt == self.retries - 1:
+                    if isinstance(exc, StorageError):
                         raise
                     raise StorageError(f"{what} failed after {attempt + 1} attempt(s): {type(exc).__name__}: {exc}") from exc
-                time.sleep(delay)
+                with self._lock:
+                    self.retried += 1
+                time.sleep(delay * random.uniform(0.75, 1.25))
                 delay *= 2
         raise AssertionError("unreachable")
 
     # ------------------------------------------------------------- reading
+    def _invalidate(self, p: str) -> None:
+        """Forget cached listings of ``p`` and its parents (s3fs caches them; other processes write)."""
+        if not self.is_local:
+            try:
+                self.fs.invalidate_cache(p)
+            except Exception:  # noqa: BLE001 - caches are an optimisation
+                pass
+
     def exists(self, name: str = "") -> bool:
         p = self.path(name) if name else self.root
+        if self.is_local:
+            return os.path.exists(p)
+        self._invalidate(p)
         return bool(self._retry(f"exists {p}", lambda: self.fs.exists(p)))
 
     def isdir(self, name: str = "") -> bool:
         p = self.path(name) if name else self.root
+        if self.is_local:
+            return os.path.isdir(p)
+        self._invalidate(p)
         return bool(self._retry(f"isdir {p}", lambda: self.fs.isdir(p)))
 
     def size(self, name: str) -> int:
         p = self.path(name)
         if self.is_local:
             return os.path.getsize(p)
+        self._invalidate(p)
         return int(self._retry(f"size {p}", lambda: self.fs.size(p)))
+
+    def walk_files(self, name: str = "") -> list[str]:
+        """Every file below ``name``, as names relative to this storage's root, sorted."""
+        p = self.path(name) if name else self.root
+        if self.is_local:
+            out = []
+            for d, _dirs, files in os.walk(p):
+                for f in files:
+                    out.append(os.path.relpath(os.path.join(d, f), self.root).replace(os.sep, "/"))
+            return sorted(out)
+        self._invalidate(p)
+        try:
+            found = self._retry(f"list {p}", lambda: self.fs.find(p))
+        except FileNotFoundError:
+            return []
+        root = self.root.rstrip("/") + "/"
+        return sorted(f[len(root):] for f in found if f.startswith(root))
 
     def listdir(self, name: str = "") -> list[str]:
         """Base names directly under ``name`` (files and directories)."""
@@ -231,10 +431,27 @@ class Storage:
         return buf
 
     def read_many(self, jobs: Sequence[tuple[str, int, memoryview]], *, threads: int | None = None) -> None:
-        """Run many ``read_into`` calls; concurrent on object stores."""
+        """Run many ``read_into`` calls; concurrent (threads) on object stores.
+
+        On object stores a read larger than :attr:`read_piece` is cut into
+        pieces read in parallel (one ranged GET each), so one large tensor
+        does not crawl along a single connection.  Each piece is retried on
+        its own.
+        """
         if not jobs:
             return
-        workers = threads or (2 if self.is_local else 16)
+        if not self.is_local:
+            piece = max(1 << 20, self.read_piece)
+            cut: list[tuple[str, int, memoryview]] = []
+            for name, start, out in jobs:
+                n = len(out)
+                if n <= piece + piece // 2:
+                    cut.append((name, start, out))
+                    continue
+                for off in range(0, n, piece):
+                    cut.append((name, start + off, out[off : off + piece]))
+            jobs = cut
+        workers = threads or (self.local_threads if self.is_local else self.remote_threads)
         if len(jobs) == 1 or workers == 1:
             for name, start, out in jobs:
                 self.read_into(name, start, out)
@@ -251,14 +468,24 @@ class Storage:
             self._retry(f"mkdir {p}", lambda: self.fs.makedirs(p, exist_ok=True))
 
     def open_write(self, name: str) -> BinaryIO:
-        """A writer for a new object.  Local files are fsynced on close by :func:`close_durable`."""
+        """A sequential writer for a new object; finish it with :meth:`close_durable`.
+
+        Local: a plain file, fsynced by ``close_durable``.  Elsewhere: a
+        :class:`_RetryingWriter` -- writes retried, and a plain ``close()``
+        after a failure discards the object instead of publishing a part.
+        """
         p = self.path(name)
         if self.is_local:
             os.makedirs(os.path.dirname(p), exist_ok=True)
             return open(p, "wb", buffering=0)  # noqa: SIM115 - caller closes
-        return self.fs.open(p, "wb", block_size=32 << 20)
+        f = self._retry(f"open {p} for writing", lambda: self.fs.open(p, "wb", block_size=32 << 20))
+        return _RetryingWriter(self, p, f)  # type: ignore[return-value]
 
     def close_durable(self, f: BinaryIO) -> None:
+        """Finish a writer from :meth:`open_write`: fsync on disks, complete the upload elsewhere."""
+        if isinstance(f, _RetryingWriter):
+            f.commit()
+            return
         if self.is_local:
             f.flush()
             os.fsync(f.fileno())
@@ -274,6 +501,7 @@ class Storage:
                 os.fsync(f.fileno())
             return
         self._retry(f"write {p}", lambda: self.fs.pipe_file(p, data))
+        self._invalidate(p)
 
     def put_atomic(self, name: str, data: bytes) -> None:
         """Commit: readers see the old object or the new one, never a part.
@@ -303,6 +531,7 @@ class Storage:
                 os.close(fd)
             return
         self._retry(f"commit {p}", lambda: self.fs.pipe_file(p, data))
+        self._invalidate(p)
 
     def remove(self, names: Iterable[str]) -> None:
         for name in names:
@@ -316,17 +545,76 @@ class Storage:
                     else:
                         os.unlink(p)
                 else:
-                    self.fs.rm(p, recursive=True)
+                    self._invalidate(p)
+                    if self.fs.isfile(p):
+                        self._retry(f"remove {p}", lambda p=p: self.fs.rm_file(p))
+                    else:
+                        self._retry(f"remove {p}", lambda p=p: self.fs.rm(p, recursive=True))
+                    self._invalidate(p)
             except FileNotFoundError:
                 pass
+
+    def replace(self, src: str, dst: str, *, commit_last: str | None = None) -> None:
+        """Move ``src`` (a file or a directory tree) to ``dst``, replacing what is there.
+
+        Local: ``os.replace`` (atomic for files; directories are swapped with
+        two renames).  Object stores have no rename: each object is copied
+        server-side (each copy is atomic), ``commit_last`` (e.g. an index) is
+        copied after every other object, and only then are objects of the old
+        ``dst`` that the new one lacks removed -- so a committed checkpoint at
+        ``dst`` stays loadable throughout.  ``src`` is removed at the end.
+        """
+        if self.is_local:
+            s, d = self.path(src), self.path(dst)
+            old = None
+            if os.path.lexists(d):
+                old = os.path.join(os.path.dirname(d), f".{os.path.basename(d)}.old-{uuid.uuid4().hex[:8]}")
+                os.replace(d, old)
+            os.replace(s, d)
+            if old is not None:
+                if os.path.isdir(old) and not os.path.islink(old):
+                    import shutil
+
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.unlink(old)
+            return
+        sp, dp = self.path(src), self.path(dst)
+        self._invalidate(sp)
+        self._invalidate(dp)
+        if self.fs.isfile(sp):
+            self._retry(f"copy {sp} -> {dp}", lambda: self.fs.copy(sp, dp))
+            self._invalidate(dp)
+            self.remove([src])
+            return
+        new = self.walk_files(src)
+        prefix = src.rstrip("/") + "/"
+        rels = [n[len(prefix):] for n in new]
+        rels.sort(key=lambda r: (commit_last is not None and r == commit_last, r))
+        old = set()
+        if self.isdir(dst):
+            dprefix = dst.rstrip("/") + "/"
+            old = {n[len(dprefix):] for n in self.walk_files(dst)}
+        elif self.exists(dst):
+            self.remove([dst])
+        for r in rels:
+            a, b = posixpath.join(sp, r), posixpath.join(dp, r)
+            self._retry(f"copy {a} -> {b}", lambda a=a, b=b: self.fs.copy(a, b))
+        self._invalidate(dp)
+        stale = sorted(old - set(rels))
+        self.remove([posixpath.join(dst, r) for r in stale])
+        self.remove([src])
 
     def rmtree(self) -> None:
         if self.is_local:
             import shutil
 
             shutil.rmtree(self.root, ignore_errors=True)
-        elif self.fs.exists(self.root):
-            self.fs.rm(self.root, recursive=True)
+        else:
+            self._invalidate(self.root)
+            if self.fs.exists(self.root):
+                self._retry(f"remove {self.root}", lambda: self.fs.rm(self.root, recursive=True))
+            self._invalidate(self.root)
 
 
 def open_storage(path, storage_options: dict | None = None) -> Storage:
