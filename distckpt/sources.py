@@ -16,16 +16,12 @@ Only headers are read here; tensor bytes are read later, by box.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
-from . import dtypes
 from .errors import DistCkptError, FormatError, NotCommittedError, StrategyError
 from .formats import Entry
 from .formats.ckpt import scan_ckpt
@@ -33,7 +29,7 @@ from .formats.safetensors import read_safetensors_header
 from .index import INDEX_NAME, MAX_INDEX_BYTES, Chunk, Index, TensorInfo
 from .layout import Box, Strategy, check_tiling, full_box
 from .storage import Storage, open_storage, safe_name
-from .strategy import load_strategy, strategy_from_json, strategy_to_json
+from .strategy import load_strategy, strategy_from_json
 
 __all__ = ["Source", "open_source", "CONFIG_FILES"]
 
@@ -201,7 +197,7 @@ def _from_native(storage: Storage, rank_dirs: dict[int, str], strategy: Strategy
                 raise StrategyError(f"{where}: rank {r} holds shape {list(e.shape)}, the strategy gives it {list(box.sizes)}")
             chunks.setdefault(e.name, {}).setdefault(box.offsets, Chunk(box, fname, tuple(e.segments), rank=r))
             seen.setdefault(e.name, set()).add(r)
-    for name, spec in strategy.params.items():
+    for name in strategy.params:
         holders = strategy.ranks_holding(name)
         got = seen.get(name, set())
         lacking = [int(r) for r in holders if int(r) not in got]
