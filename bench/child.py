@@ -109,6 +109,31 @@ def save_distckpt(a):
     return {"gen_seconds": gen, "model_bytes": m.nbytes, "runs": runs}
 
 
+def save_async(a):
+    """Training-blocked time: CheckpointManager.save with async_save off vs on (rank 0's slices, 3 steps)."""
+    from distckpt import CheckpointManager
+
+    m, strat, states, gen = _states(a)
+    state = {k: np.ascontiguousarray(v) for k, v in states[0].items()}
+    out = {}
+    for mode in (False, True):
+        root = os.path.join(a["out"], f"mgr-{'async' if mode else 'sync'}")
+        shutil.rmtree(root, ignore_errors=True)
+        mgr = CheckpointManager(root, async_save=mode, max_to_keep=1)
+        blocked = []
+        t0 = time.perf_counter()
+        for step in range(3):
+            t = time.perf_counter()
+            mgr.save(step, state)
+            blocked.append(time.perf_counter() - t)
+            time.sleep(a.get("compute", 0.0))  # the training step the save overlaps with
+        mgr.close()
+        out["async" if mode else "sync"] = {"blocked": blocked, "total": time.perf_counter() - t0}
+        shutil.rmtree(root, ignore_errors=True)
+    out["bytes"] = int(sum(v.nbytes for v in state.values()))
+    return out
+
+
 def save_raw(a):
     """The disk's own speed: the same distinct bytes, written sequentially into world files, each fsynced."""
     m, strat, states, gen = _states(a)
@@ -304,6 +329,7 @@ TASKS = {
     for f in (
         build_native,
         save_distckpt,
+        save_async,
         save_raw,
         save_mindspore,
         merge_distckpt,

@@ -290,6 +290,15 @@ def main(argv=None) -> int:
             log_dir=logs,
         )
 
+    if a.save:
+        say("async save: training-blocked time vs a synchronous save")
+        res["async"] = run_child(
+            "save_async",
+            {"size": size, "dtype": first, "hidden": a.hidden, "dp": a.dp, "tp": a.tp,
+             "out": os.path.join(work, "async"), "compute": 2.0},
+            log_dir=logs,
+        )
+
     say(f"planning: {a.plan_ranks} ranks x {a.plan_tensors} tensors")
     res["plan"] = run_child("plan", {"ranks": a.plan_ranks, "tensors": a.plan_tensors}, log_dir=logs)
 
@@ -445,6 +454,14 @@ def render(res: dict) -> str:
                 label = names.get(head, head) + (f" — {tail}" if tail else "")
                 L.append(f"| {label} | {st['ranks']} | {_mib(st['bytes_needed'])} | {_mib(st['bytes_read'])} | "
                          f"{st['ratio']:.3f} | {st['requests']} | {st['seconds']:.1f} |")
+    if "async" in res:
+        x = res["async"]
+        L.append(f"\n## Async save: training-blocked time per save (rank 0's slices, {_mib(x['bytes'])} MiB, 3 saves, 2 s of compute between)\n")
+        L.append("| mode | blocked per save (s) | total incl. compute (s) |")
+        L.append("|---|---|---:|")
+        for mode in ("sync", "async"):
+            r = x[mode]
+            L.append(f"| {mode} | {', '.join(f'{b:.3f}' for b in r['blocked'])} | {r['total']:.2f} |")
     if "checksum" in res:
         c = res["checksum"]
         on = [r["seconds"] for r in c["runs"] if r["checksums"]]
