@@ -77,33 +77,41 @@ def write_chunk_file(
     specs = [(p.key, dtypes.name_of(p.array.dtype), tuple(p.array.shape)) for p in pending]
     out: dict[str, list[Chunk]] = {}
     f = storage.open_write(fname)
-    # checksums of piece i are computed on a helper thread while piece i is
-    # written (crc32c and the write both release the GIL): they cost no wall time
+    # checksums are computed on a helper thread while the pieces are written and
+    # the file is fsynced (crc32c and the writes release the GIL): near-zero wall time
     pool = ThreadPoolExecutor(1, thread_name_prefix="distckpt-crc") if checksums else None
+    records: list[tuple[PendingChunk, int, int, int, list]] = []  # (chunk, start, bytes, block, futures or crcs)
     try:
         w = SafetensorsWriter(f, specs, metadata={"format": "distckpt"})
         for p in pending:
+            if records:  # done by now (crc32c outpaces writes); frees any contiguous copy
+                records[-1] = records[-1][:4] + ([x.result() if hasattr(x, "result") else x for x in records[-1][4]],)
             arr = np.ascontiguousarray(p.array)
             mv = memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")
-            crcs: list[int] = []
             bs = chunk_block_size(len(mv), block_size)
             start = w.data_offset(p.key)
             # write in pieces that are whole checksum blocks: crc and write
             # share one pass over memory, no copy of the tensor is made
             piece = max(bs, (_WRITE_PIECE // bs) * bs)
+            futs: list = []
             for i in range(0, len(mv), piece):
                 part = mv[i : i + piece]
-                fut = pool.submit(block_crcs, part, bs) if pool is not None else None
+                if pool is not None:
+                    futs.append(pool.submit(block_crcs, part, bs))
                 w.write(p.key, part)
-                if fut is not None:
-                    crcs.extend(fut.result())
+                if len(futs) > 1:  # keep the helper one piece behind the writer at most (cache-warm)
+                    futs[-2] = futs[-2].result()
             if not len(mv):
                 w.write(p.key, mv)
-            out.setdefault(p.name, []).append(
-                Chunk(p.box, fname, ((start, len(mv)),), tuple(crcs) if checksums else None, bs, rank)
-            )
+            records.append((p, start, len(mv), bs, futs))
         size = f.tell() if hasattr(f, "tell") else None
         storage.close_durable(f)
+        # the checksums ran beside the writes and the final fsync; collect them
+        for p, start, n, bs, done in records:
+            crcs = [c for x in done for c in (x.result() if hasattr(x, "result") else x)]
+            out.setdefault(p.name, []).append(
+                Chunk(p.box, fname, ((start, n),), tuple(crcs) if checksums else None, bs, rank)
+            )
     except BaseException:
         try:
             f.close()
