@@ -32,7 +32,7 @@ from .errors import (
     StrategyError,
 )
 from .index import INDEX_NAME, MAX_INDEX_BYTES, Chunk, Index, TensorInfo
-from .io import DEFAULT_BLOCK_SIZE, PendingChunk, ReadStats, chunk_block_size, read_box, write_chunk_file
+from .io import DEFAULT_BLOCK_SIZE, PendingChunk, ReadStats, read_box, write_chunk_file
 from .layout import Box, Strategy, check_tiling, full_box
 from .plan import plan_save
 from .sources import Source, box_of, open_source
@@ -195,7 +195,7 @@ def save(
             my_box = box_of(TensorInfo(it.name, it.dtype, it.shape), strat, my_rank)
             if my_box is None:
                 continue
-            mine.append(PendingChunk(it.name, it.box, _local_piece(arrays[it.name], it.name, it.box, my_box)))
+            mine.append(PendingChunk.of(it.name, it.box, _local_piece(arrays[it.name], it.name, it.box, my_box)))
         fname = _data_name(save_id, my_rank)
         storage.makedirs()
         records: dict[str, list[Chunk]] = {}
@@ -644,8 +644,11 @@ def _write_distckpt(
     reports = []
     for r in sorted(by_writer):
         fname = _data_name(save_id, r)
-        pending = _LazyChunks(source, by_writer[r], verify, stats)
-        recs, size = _write_lazy_file(storage, fname, pending, r)
+        pending = [
+            PendingChunk(it.name, it.box, it.dtype, _reader(source, source.tensors[it.name], it.box, verify, stats))
+            for it in by_writer[r]
+        ]
+        recs, size = write_chunk_file(storage, fname, pending, rank=r)
         reports.append(
             {
                 "tensors": {n: [dt, list(s)] for n, (dt, s) in tensors.items()},
@@ -666,44 +669,6 @@ def _write_distckpt(
     index = _build_index(reports, common, _values_json(source.values), where=storage.url)
     storage.put_atomic(INDEX_NAME, index.dumps())
     return sorted(index.files) + [INDEX_NAME]
-
-
-class _LazyChunks:
-    def __init__(self, source: Source, items, verify: bool, stats: ReadStats):
-        self.source, self.items, self.verify, self.stats = source, items, verify, stats
-
-
-def _write_lazy_file(storage: Storage, fname: str, lazy: _LazyChunks, rank: int):
-    """Like write_chunk_file, but reads each box just before writing it (bounded memory)."""
-    import crc32c as _crc
-
-    from .formats.safetensors import SafetensorsWriter
-
-    specs = []
-    for it in lazy.items:
-        key = it.name + "@" + ",".join(str(o) for o in it.box.offsets) if it.box.ndim else it.name
-        specs.append((key, it.dtype, it.box.sizes))
-    out: dict[str, list[Chunk]] = {}
-    f = storage.open_write(fname)
-    try:
-        w = SafetensorsWriter(f, specs, metadata={"format": "distckpt"})
-        for (key, _dt, _s), it in zip(specs, lazy.items):
-            t = lazy.source.tensors[it.name]
-            arr = read_box(lazy.source.storage, t, it.box, verify=lazy.verify, stats=lazy.stats)
-            mv = memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")
-            bs = chunk_block_size(len(mv))
-            crcs = [_crc.crc32c(mv[j : j + bs]) for j in range(0, len(mv), bs)]
-            start = w.data_offset(key)
-            w.write(key, mv)
-            out.setdefault(it.name, []).append(Chunk(it.box, fname, ((start, len(mv)),), tuple(crcs), bs, rank))
-            del arr
-        size = f.tell()
-        storage.close_durable(f)
-    except BaseException:
-        f.close()
-        storage.remove([fname])
-        raise
-    return out, size
 
 
 # ------------------------------------------------------------- split / reshard

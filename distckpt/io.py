@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import crc32c as _crc
@@ -48,11 +48,20 @@ def block_crcs(data, block_size: int) -> list[int]:
 
 @dataclass
 class PendingChunk:
-    """A chunk to write: ``array`` holds exactly ``box`` of tensor ``name``."""
+    """A chunk to write: ``fetch()`` returns exactly ``box`` of tensor ``name``.
+
+    ``fetch`` runs just before the chunk is written, so a writer that reads its
+    chunks from another checkpoint holds one chunk in memory at a time.
+    """
 
     name: str
     box: Box
-    array: np.ndarray
+    dtype: str
+    fetch: Callable[[], np.ndarray]
+
+    @classmethod
+    def of(cls, name: str, box: Box, array: np.ndarray) -> PendingChunk:
+        return cls(name, box, dtypes.name_of(array.dtype), lambda: array)
 
     @property
     def key(self) -> str:
@@ -72,46 +81,47 @@ def write_chunk_file(
 ) -> tuple[dict[str, list[Chunk]], int]:
     """Write chunks as one safetensors file; checksum each block inline.
 
-    Returns the chunk records per tensor name and the file size.
+    Returns the chunk records per tensor name and the file size.  On any
+    failure the partial file is removed.
     """
-    specs = [(p.key, dtypes.name_of(p.array.dtype), tuple(p.array.shape)) for p in pending]
-    out: dict[str, list[Chunk]] = {}
+    specs = [(p.key, p.dtype, p.box.sizes) for p in pending]
     f = storage.open_write(fname)
-    # checksums are computed on a helper thread while the pieces are written and
-    # the file is fsynced (crc32c and the writes release the GIL): near-zero wall time
+    # checksums run on a helper thread one piece behind the writer (crc32c and
+    # the writes release the GIL), the last ones beside the final fsync
     pool = ThreadPoolExecutor(1, thread_name_prefix="distckpt-crc") if checksums else None
-    records: list[tuple[PendingChunk, int, int, int, list]] = []  # (chunk, start, bytes, block, futures or crcs)
+    written: list[tuple[PendingChunk, int, int, int, list[Future]]] = []  # chunk, start, bytes, block, crc jobs
     try:
         w = SafetensorsWriter(f, specs, metadata={"format": "distckpt"})
         for p in pending:
-            if records:  # done by now (crc32c outpaces writes); frees any contiguous copy
-                records[-1] = records[-1][:4] + ([x.result() if hasattr(x, "result") else x for x in records[-1][4]],)
-            arr = np.ascontiguousarray(p.array)
+            arr = p.fetch()
+            if not arr.flags.c_contiguous:
+                arr = arr.copy()  # np.ascontiguousarray would turn a scalar into shape (1,)
+            if arr.shape != p.box.sizes or dtypes.name_of(arr.dtype) != p.dtype:
+                raise FormatError(
+                    f"tensor {p.name!r}: chunk at {list(p.box.offsets)} is {dtypes.name_of(arr.dtype)}{list(arr.shape)}, "
+                    f"expected {p.dtype}{list(p.box.sizes)}"
+                )
             mv = memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")
             bs = chunk_block_size(len(mv), block_size)
             start = w.data_offset(p.key)
-            # write in pieces that are whole checksum blocks: crc and write
-            # share one pass over memory, no copy of the tensor is made
-            piece = max(bs, (_WRITE_PIECE // bs) * bs)
-            futs: list = []
+            piece = max(bs, (_WRITE_PIECE // bs) * bs)  # whole checksum blocks
+            jobs: list[Future] = []
             for i in range(0, len(mv), piece):
                 part = mv[i : i + piece]
                 if pool is not None:
-                    futs.append(pool.submit(block_crcs, part, bs))
+                    jobs.append(pool.submit(block_crcs, part, bs))
                 w.write(p.key, part)
-                if len(futs) > 1:  # keep the helper one piece behind the writer at most (cache-warm)
-                    futs[-2] = futs[-2].result()
+                if len(jobs) > 1:
+                    jobs[-2].result()  # keep the helper at most one piece behind (cache-warm)
             if not len(mv):
                 w.write(p.key, mv)
-            records.append((p, start, len(mv), bs, futs))
+            written.append((p, start, len(mv), bs, jobs))
         size = f.tell() if hasattr(f, "tell") else None
         storage.close_durable(f)
-        # the checksums ran beside the writes and the final fsync; collect them
-        for p, start, n, bs, done in records:
-            crcs = [c for x in done for c in (x.result() if hasattr(x, "result") else x)]
-            out.setdefault(p.name, []).append(
-                Chunk(p.box, fname, ((start, n),), tuple(crcs) if checksums else None, bs, rank)
-            )
+        out: dict[str, list[Chunk]] = {}
+        for p, start, n, bs, jobs in written:
+            crcs = tuple(c for j in jobs for c in j.result()) if checksums else None
+            out.setdefault(p.name, []).append(Chunk(p.box, fname, ((start, n),), crcs, bs, rank))
     except BaseException:
         try:
             f.close()
