@@ -17,6 +17,27 @@ Who calls what, in which order, for one save (see ``distckpt.api``):
 
 Readers only trust what the index names, so debris of a failed save is
 invisible; ``gc`` removes it.
+
+Object stores (s3://, and any non-local fsspec URL):
+
+* writers are :class:`_RetryingWriter`: each write is retried with backoff,
+  the object is published whole by ``close_durable`` (and its stored size
+  checked), and a writer abandoned by an exception is discarded, never
+  published half-written;
+* there is no rename: :meth:`Storage.replace` copies object by object, the
+  commit object (the index) last, and drops stale objects only afterwards;
+* listings and ``exists``/``size`` bypass s3fs's listing cache (other ranks
+  and processes write too);
+* :meth:`Storage.read_many` issues ranged GETs from a thread pool and cuts
+  large ranges into :attr:`Storage.read_piece` pieces; every request is
+  retried on transient errors (exponential backoff with jitter); the bytes
+  and requests are counted in :attr:`Storage.bytes_read` / ``read_requests``.
+
+Storage options come from the caller (API ``storage_options=``, CLI
+``--storage-options JSON``, YAML ``checkpoint.storage_options``) merged over
+the environment (:func:`env_storage_options`: ``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ...).  :mod:`distckpt.testing` checks a backend
+against this contract.
 """
 
 from __future__ import annotations
@@ -545,12 +566,7 @@ class Storage:
                     else:
                         os.unlink(p)
                 else:
-                    self._invalidate(p)
-                    if self.fs.isfile(p):
-                        self._retry(f"remove {p}", lambda p=p: self.fs.rm_file(p))
-                    else:
-                        self._retry(f"remove {p}", lambda p=p: self.fs.rm(p, recursive=True))
-                    self._invalidate(p)
+                    self._remove_one(p)
             except FileNotFoundError:
                 pass
 
@@ -583,7 +599,7 @@ class Storage:
         self._invalidate(sp)
         self._invalidate(dp)
         if self.fs.isfile(sp):
-            self._retry(f"copy {sp} -> {dp}", lambda: self.fs.copy(sp, dp))
+            self._copy(sp, dp)
             self._invalidate(dp)
             self.remove([src])
             return
@@ -591,19 +607,30 @@ class Storage:
         prefix = src.rstrip("/") + "/"
         rels = [n[len(prefix):] for n in new]
         rels.sort(key=lambda r: (commit_last is not None and r == commit_last, r))
-        old = set()
+        before: set[str] = set()
         if self.isdir(dst):
             dprefix = dst.rstrip("/") + "/"
-            old = {n[len(dprefix):] for n in self.walk_files(dst)}
+            before = {n[len(dprefix):] for n in self.walk_files(dst)}
         elif self.exists(dst):
             self.remove([dst])
         for r in rels:
             a, b = posixpath.join(sp, r), posixpath.join(dp, r)
-            self._retry(f"copy {a} -> {b}", lambda a=a, b=b: self.fs.copy(a, b))
+            self._copy(a, b)
         self._invalidate(dp)
-        stale = sorted(old - set(rels))
+        stale = sorted(before - set(rels))
         self.remove([posixpath.join(dst, r) for r in stale])
         self.remove([src])
+
+    def _copy(self, a: str, b: str) -> None:
+        self._retry(f"copy {a} -> {b}", lambda: self.fs.copy(a, b))
+
+    def _remove_one(self, p: str) -> None:
+        self._invalidate(p)
+        if self.fs.isfile(p):
+            self._retry(f"remove {p}", lambda: self.fs.rm_file(p))
+        else:
+            self._retry(f"remove {p}", lambda: self.fs.rm(p, recursive=True))
+        self._invalidate(p)
 
     def rmtree(self) -> None:
         if self.is_local:
