@@ -24,6 +24,7 @@ import numpy as np
 
 from . import dtypes
 from .errors import (
+    ConfigError,
     DestinationExistsError,
     DistCkptError,
     FormatError,
@@ -45,12 +46,37 @@ _MANIFEST = ".manifest-{rank:05d}.json"
 
 
 # --------------------------------------------------------------------- helpers
-def _progress(iterable, *, total=None, desc="", quiet=False):
+def _progress(iterable, *, total=None, desc="", quiet=False, unit="tensor"):
+    """A tqdm bar on a terminal; the iterable itself otherwise (or with ``quiet``)."""
     if quiet or not sys.stderr.isatty():
         return iterable
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, unit="tensor", leave=False)
+    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False)
+
+
+def _counted(items: list, *, desc: str, quiet: bool) -> list:
+    """Writer items whose reads advance a progress bar (writers need the list up front)."""
+    if quiet or not sys.stderr.isatty() or not items:
+        return items
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=sum(math.prod(it[2]) * dtypes.itemsize(it[1]) for it in items), desc=desc,
+               unit="B", unit_scale=True, leave=False)
+
+    def wrap(it):
+        name, dt, shape, produce = it
+
+        def run():
+            arr = produce()
+            bar.update(arr.nbytes)
+            if bar.n >= bar.total:
+                bar.close()
+            return arr
+
+        return (name, dt, shape, run)
+
+    return [wrap(it) for it in items]
 
 
 def _as_numpy(name: str, v: Any) -> np.ndarray | None:
@@ -130,7 +156,7 @@ def _global_tensors(
     return out
 
 
-def _local_piece(arr: np.ndarray, name: str, box: Box, my_box: Box) -> np.ndarray:
+def _local_piece(arr: np.ndarray, box: Box, my_box: Box) -> np.ndarray:
     return arr[box.relative_to(my_box)] if box.ndim else arr
 
 
@@ -195,7 +221,7 @@ def save(
             my_box = box_of(TensorInfo(it.name, it.dtype, it.shape), strat, my_rank)
             if my_box is None:
                 continue
-            mine.append(PendingChunk.of(it.name, it.box, _local_piece(arrays[it.name], it.name, it.box, my_box)))
+            mine.append(PendingChunk.of(it.name, it.box, _local_piece(arrays[it.name], it.box, my_box)))
         fname = _data_name(save_id, my_rank)
         storage.makedirs()
         records: dict[str, list[Chunk]] = {}
@@ -523,22 +549,14 @@ def _reader(src: Source, t: TensorInfo, box: Box, verify: bool, stats: ReadStats
 
 
 def _parse_size(v) -> int | None:
+    from .config import parse_size
+
     if v is None:
         return None
-    if isinstance(v, (int, float)):
-        return int(v)
-    s = str(v).strip().upper().replace(" ", "")
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30}
-    for u in sorted(units, key=len, reverse=True):
-        if s.endswith(u):
-            try:
-                return int(float(s[: -len(u)]) * units[u])
-            except ValueError:
-                break
     try:
-        return int(s)
-    except ValueError:
-        raise FormatError(f"cannot parse size {v!r}; use e.g. 5GB, 500MiB or a byte count") from None
+        return parse_size(v)
+    except ValueError as exc:
+        raise ConfigError(f"--max-shard-size: {exc}") from None
 
 
 # ----------------------------------------------------------------------- merge
@@ -568,7 +586,7 @@ def merge(
         for t in tensors:
             dtypes.ckpt_name(t.dtype, tensor=t.name)
     items = [(t.name, t.dtype, t.shape, _reader(source, t, full_box(t.shape), verify, stats)) for t in tensors]
-    items = list(_progress(items, desc="merge", quiet=quiet))
+    items = _counted(items, desc="merge", quiet=quiet)
     single = dst.endswith((".ckpt", ".safetensors")) and format != "distckpt"
     shard = _parse_size(max_shard_size)
     with _Output(dst, overwrite=overwrite, storage_options=storage_options, is_file=single) as out:
