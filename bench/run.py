@@ -190,8 +190,18 @@ def bench_dtype(a, dtype: str, size: int, work: str, logs: str, *, with_ms: bool
     if a.save:
         say(f"{dtype} {m.nbytes / MiB:.0f} MiB: save (distckpt, raw disk{', MindSpore' if use_ms else ''})")
         save = {}
-        save["distckpt"] = run_child("save_distckpt", {**base, "out": os.path.join(d, "save"), "keep": keep_ckpt}, log_dir=logs)
-        save["raw_disk"] = run_child("save_raw", {**base, "out": os.path.join(d, "raw")}, log_dir=logs)
+        # interleaved repetitions: the disk is shared and noisy, the median of each is compared
+        for rep in range(a.save_reps):
+            last = rep == a.save_reps - 1
+            for key, task, args in (
+                ("distckpt", "save_distckpt", {**base, "out": os.path.join(d, "save"), "keep": keep_ckpt and last}),
+                ("raw_disk", "save_raw", {**base, "out": os.path.join(d, "raw")}),
+            ):
+                r = run_child(task, args, log_dir=logs)
+                if key in save:
+                    save[key]["runs"].extend(r["runs"])
+                else:
+                    save[key] = r
         if use_ms:
             save["mindspore"] = run_child("save_mindspore", {**base, "out": os.path.join(d, "ms-save")}, log_dir=logs)
         case["save"] = save
@@ -230,7 +240,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-scaling", action="store_true")
     ap.add_argument("--no-mindspore", action="store_true", help="skip the MindSpore baseline")
     ap.add_argument("--no-save", dest="save", action="store_false")
-    ap.add_argument("--checksum-reps", type=int, default=3)
+    ap.add_argument("--checksum-reps", type=int, default=5)
+    ap.add_argument("--save-reps", type=int, default=3, help="interleaved save repetitions (median compared)")
     ap.add_argument("--plan-ranks", type=int, default=10_000)
     ap.add_argument("--plan-tensors", type=int, default=1_000)
     ap.add_argument("--workdir", default=None, help="scratch directory (all tools use this disk; default: a temp dir)")
@@ -334,7 +345,12 @@ def main(argv=None) -> int:
 
 
 # ----------------------------------------------------------------- report
-def _tput(run: dict, model_bytes: int) -> float:
+def _median_run(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+
+
+def _tput(runs: list[dict], model_bytes: int) -> float:
+    run = _median_run(runs)
     return model_bytes / run["seconds"] if run["seconds"] else float("inf")
 
 
@@ -347,11 +363,11 @@ def checks(res: dict) -> list[dict]:
     for dt, c in res["cases"].items():
         if "save" in c:
             mb = c["model_bytes"]
-            ours = _tput(c["save"]["distckpt"]["runs"][0], mb)
-            raw = _tput(c["save"]["raw_disk"]["runs"][0], mb)
+            ours = _tput(c["save"]["distckpt"]["runs"], mb)
+            raw = _tput(c["save"]["raw_disk"]["runs"], mb)
             add(f"save {dt}: throughput >= 0.8x raw disk", f"{ours / raw:.2f}x", ours / raw >= TARGETS["save_vs_raw"])
             if "mindspore" in c["save"]:
-                ms = _tput(c["save"]["mindspore"]["runs"][0], mb)
+                ms = _tput(c["save"]["mindspore"]["runs"], mb)
                 add(f"save {dt}: >= 2x mindspore.save_checkpoint", f"{ours / ms:.2f}x", ours / ms >= TARGETS["save_vs_ms"])
         for op, r in c["ops"].items():
             ours = r["distckpt"]
@@ -388,8 +404,8 @@ def checks(res: dict) -> list[dict]:
 
 
 def checksum_overhead(c: dict) -> float:
-    on = min(r["seconds"] for r in c["runs"] if r["checksums"])
-    off = min(r["seconds"] for r in c["runs"] if not r["checksums"])
+    on = _median_run([r for r in c["runs"] if r["checksums"]])["seconds"]
+    off = _median_run([r for r in c["runs"] if not r["checksums"]])["seconds"]
     return on / off - 1
 
 
@@ -417,8 +433,8 @@ def render(res: dict) -> str:
                  f"{cfg['ranks']} ranks TP{cfg['tp']} x DP{cfg['dp']}\n")
         if "save" in c:
             mb = c["model_bytes"]
-            raw = _tput(c["save"]["raw_disk"]["runs"][0], mb)
-            L.append("| save | seconds (save only) | bytes written (MiB) | model MiB/s | vs raw disk | process wall s | peak RSS MiB |")
+            raw = _tput(c["save"]["raw_disk"]["runs"], mb)
+            L.append("| save (median of runs) | seconds (save only) | bytes written (MiB) | model MiB/s | vs raw disk | process wall s | peak RSS MiB |")
             L.append("|---|---:|---:|---:|---:|---:|---:|")
             for tool, label in (("distckpt", "distckpt.save (8 ranks, crc32c)"), ("raw_disk", "raw disk write+fsync"),
                                 ("mindspore", "mindspore.save_checkpoint (per rank)")):
@@ -426,8 +442,8 @@ def render(res: dict) -> str:
                     L.append(f"| {label} | skipped: {c['mindspore_skipped']} | | | | | |")
                     continue
                 r = c["save"][tool]
-                run = r["runs"][0]
-                t = _tput(run, mb)
+                run = _median_run(r["runs"])
+                t = _tput(r["runs"], mb)
                 L.append(f"| {label} | {run['seconds']:.2f} | {_mib(run['bytes_written'])} | {t / MiB:.0f} | {t / raw:.2f}x | "
                          f"{r['wall_seconds']:.1f} | {_mib(r['peak_rss'])} |")
             L.append("")
@@ -443,7 +459,7 @@ def render(res: dict) -> str:
             else:
                 L.append(f"| {label} | {o['wall_seconds']:.1f} | skipped: {c['mindspore_skipped']} | | {_mib(o['peak_rss'])} | | |")
     if "load" in res:
-        L.append("\n## Load into a new layout (every rank of the new job loads its slices; default: checksums verified, 1 MiB blocks)\n")
+        L.append("\n## Load into a new layout (every rank of the new job loads its slices; default: checksums verified, per-chunk blocks)\n")
         L.append("| target layout | ranks | bytes needed MiB | bytes read MiB | read / needed | requests | seconds |")
         L.append("|---|---:|---:|---:|---:|---:|---:|")
         names = {"outer_tp2": "TP2, same dims (whole chunks)", "outer_rows_tp8": "TP8, every matrix split by rows (outer dim)",
@@ -466,11 +482,12 @@ def render(res: dict) -> str:
         c = res["checksum"]
         on = [r["seconds"] for r in c["runs"] if r["checksums"]]
         off = [r["seconds"] for r in c["runs"] if not r["checksums"]]
-        L.append("\n## Checksum overhead (distckpt.save, best of each)\n")
-        L.append("| checksums | runs (s) | best s | overhead |")
+        L.append("\n## Checksum overhead (distckpt.save, interleaved runs, median of each)\n")
+        L.append("| checksums | runs (s) | median s | overhead |")
         L.append("|---|---|---:|---:|")
-        L.append(f"| off | {', '.join(f'{x:.2f}' for x in off)} | {min(off):.2f} | |")
-        L.append(f"| crc32c, 1 MiB blocks | {', '.join(f'{x:.2f}' for x in on)} | {min(on):.2f} | {checksum_overhead(c) * 100:+.1f}% |")
+        L.append(f"| off | {', '.join(f'{x:.2f}' for x in off)} | {sorted(off)[len(off) // 2]:.2f} | |")
+        L.append(f"| crc32c, blocks of ~1/256 chunk (64 KiB-1 MiB) | {', '.join(f'{x:.2f}' for x in on)} | "
+                 f"{sorted(on)[len(on) // 2]:.2f} | {checksum_overhead(c) * 100:+.1f}% |")
     if "plan" in res:
         p = res["plan"]
         L.append("\n## Planning\n")
