@@ -30,6 +30,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from .._proto import encode_varint
 from ..dtypes import ckpt_name, from_ckpt_name, itemsize, to_numpy
 from ..errors import ChecksumError, FormatError
 from . import STR_DTYPE, Entry
@@ -64,22 +65,6 @@ _VARINT, _I64, _LEN, _SGROUP, _EGROUP, _I32 = 0, 1, 2, 3, 4, 5
 # ---------------------------------------------------------------------------- varints
 
 
-def _encode_varint(value: int) -> bytes:
-    if 0 <= value < 0x80:
-        return _ONE_BYTE[value]
-    if value < 0:
-        value += 1 << 64  # int64 two's complement, 10 bytes
-    out = bytearray()
-    while True:
-        b = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
 def _decode_varint(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int] | None:
     """Decode a varint at ``buf[pos:end]``; return ``(value, new_pos)``, ``None`` if
     it runs past ``end``.  Raises ``ValueError`` for a varint longer than 10 bytes."""
@@ -97,7 +82,6 @@ def _decode_varint(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, in
     return None
 
 
-_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
 
 
 def _as_int64(value: int) -> int:
@@ -590,11 +574,11 @@ class CkptWriter:
 
     @staticmethod
     def _header(tag: bytes, dims: tuple[int, ...], ttype: bytes, content_len: int) -> bytes:
-        tensor_prefix = b"".join(b"\x08" + _encode_varint(d) for d in dims)
-        tensor_prefix += b"\x12" + _encode_varint(len(ttype)) + ttype + b"\x1a" + _encode_varint(content_len)
-        value_prefix = b"\x0a" + _encode_varint(len(tag)) + tag
-        value_prefix += b"\x12" + _encode_varint(len(tensor_prefix) + content_len) + tensor_prefix
-        return b"\x0a" + _encode_varint(len(value_prefix) + content_len) + value_prefix
+        tensor_prefix = b"".join(b"\x08" + encode_varint(d) for d in dims)
+        tensor_prefix += b"\x12" + encode_varint(len(ttype)) + ttype + b"\x1a" + encode_varint(content_len)
+        value_prefix = b"\x0a" + encode_varint(len(tag)) + tag
+        value_prefix += b"\x12" + encode_varint(len(tensor_prefix) + content_len) + tensor_prefix
+        return b"\x0a" + encode_varint(len(value_prefix) + content_len) + value_prefix
 
     def _chunks(self, nbytes: int, split: bool = True) -> list[int]:
         if nbytes == 0 or not split:
