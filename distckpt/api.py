@@ -37,7 +37,7 @@ from .io import DEFAULT_BLOCK_SIZE, PendingChunk, ReadStats, read_box, write_chu
 from .layout import Box, Strategy, check_tiling, full_box
 from .plan import plan_save
 from .sources import Source, box_of, open_source
-from .storage import Storage, open_storage
+from .storage import Storage, open_storage, split_url
 from .strategy import dump_merged_strategy_proto, dump_strategy_proto, load_strategy, strategy_to_json
 
 __all__ = ["save", "load", "finalize", "merge", "split", "reshard", "verify", "inspect", "gc"]
@@ -417,7 +417,7 @@ class _Output:
         self.dst = os.fspath(dst)
         self.opts = storage_options
         self.is_file = is_file
-        parent, base = _split_url(self.dst)
+        parent, base = split_url(self.dst)
         self.parent = open_storage(parent, storage_options)
         self.base = base
         if self.parent.exists(base) and not overwrite:
@@ -453,14 +453,6 @@ class _Output:
             return
         # object stores: server-side copies, the index last, stale objects dropped after
         p.replace(self.tmp_name, self.base, commit_last=INDEX_NAME)
-
-
-def _split_url(url: str) -> tuple[str, str]:
-    if "://" in url:
-        head, _, base = url.rstrip("/").rpartition("/")
-        return head + ("/" if head.endswith(":/") else ""), base
-    d, b = os.path.split(os.path.abspath(url))
-    return d, b
 
 
 def _py_value_entry(name: str, v: Any) -> tuple[str, np.ndarray | str]:

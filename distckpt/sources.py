@@ -28,7 +28,7 @@ from .formats.ckpt import scan_ckpt
 from .formats.safetensors import read_safetensors_header
 from .index import INDEX_NAME, MAX_INDEX_BYTES, Chunk, Index, TensorInfo
 from .layout import Box, Strategy, check_tiling, full_box
-from .storage import Storage, open_storage, safe_name
+from .storage import Storage, open_storage, safe_name, split_url
 from .strategy import load_strategy, strategy_from_json
 
 __all__ = ["Source", "open_source", "CONFIG_FILES"]
@@ -252,7 +252,7 @@ def open_source(
     url = os.fspath(src)
     opts = dict(storage_options or {})
     if url.endswith((".ckpt", ".safetensors")):
-        parent, base = _split(url)
+        parent, base = split_url(url)
         storage = open_storage(parent, opts)
         if not storage.exists(base):
             raise NotCommittedError(f"{url}: no such file")
@@ -304,14 +304,6 @@ def _stem(configs: list[str]) -> str:
         if n.endswith((".yaml", ".yml")):
             return os.path.splitext(n)[0]
     return "mindspore_model"
-
-
-def _split(url: str) -> tuple[str, str]:
-    if "://" in url:
-        head, _, base = url.rstrip("/").rpartition("/")
-        return head, base
-    d, b = os.path.split(os.path.abspath(url))
-    return d, b
 
 
 def box_of(tensor: TensorInfo, strategy: Strategy | None, rank: int) -> Box | None:

@@ -56,7 +56,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from .errors import StorageError
 
-__all__ = ["Storage", "open_storage", "safe_name", "env_storage_options", "merge_options", "is_url"]
+__all__ = ["Storage", "open_storage", "safe_name", "env_storage_options", "merge_options", "is_url", "split_url"]
 
 T = TypeVar("T")
 
@@ -642,6 +642,14 @@ class Storage:
             if self.fs.exists(self.root):
                 self._retry(f"remove {self.root}", lambda: self.fs.rm(self.root, recursive=True))
             self._invalidate(self.root)
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """(parent, base name) of a local path or URL: ``memory://a/b.ckpt`` -> ``memory://a``, ``b.ckpt``."""
+    if is_url(url):
+        head, _, base = url.rstrip("/").rpartition("/")
+        return head + ("/" if head.endswith(":/") else ""), base
+    return os.path.split(os.path.abspath(url))
 
 
 def open_storage(path, storage_options: dict | None = None) -> Storage:

@@ -12,12 +12,15 @@ naming the primitive that misbehaves; use them to qualify a new fsspec backend::
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
+from .comm import Communicator
 from .errors import StorageError
 from .storage import Storage, open_storage
 
-__all__ = ["check_storage_contract", "check_roundtrip", "sample_state"]
+__all__ = ["check_storage_contract", "check_roundtrip", "sample_state", "ThreadComm", "run_ranks"]
 
 
 def _eq(got, want, what: str) -> None:
@@ -147,3 +150,60 @@ def check_roundtrip(url: str, storage_options: dict | None = None, seed: int = 0
         else:
             _eq(got[k], v, f"value {k!r}")
     return got
+
+
+class ThreadComm(Communicator):
+    """Ranks as threads of one process (shared slots and a barrier).
+
+    Lets a test run a real multi-rank save or load on one CPU without mpirun;
+    the collectives carry the same JSON bytes as :class:`~distckpt.comm.MPIComm`.
+    """
+
+    def __init__(self, rank: int, shared: dict):
+        self.rank, self.size, self._s = rank, shared["size"], shared
+
+    @staticmethod
+    def group(n: int, *, timeout: float = 300) -> list[ThreadComm]:
+        shared = {"size": n, "barrier": threading.Barrier(n, timeout=timeout), "slots": [None] * n}
+        return [ThreadComm(r, shared) for r in range(n)]
+
+    def barrier(self, name, *, timeout=None):
+        self._s["barrier"].wait()
+
+    def _allgather_bytes(self, data, name, timeout):
+        self._s["slots"][self.rank] = data
+        self._s["barrier"].wait()
+        out = list(self._s["slots"])
+        self._s["barrier"].wait()
+        return out
+
+    def _broadcast_bytes(self, data, root, name, timeout):
+        if self.rank == root:
+            self._s["slots"][root] = data
+        self._s["barrier"].wait()
+        out = self._s["slots"][root]
+        self._s["barrier"].wait()
+        return out
+
+
+def run_ranks(n: int, fn, *, timeout: float = 300) -> list:
+    """Run ``fn(rank, comm)`` on ``n`` thread-ranks; return the results, re-raise the first error."""
+    comms = ThreadComm.group(n, timeout=timeout)
+    results: list = [None] * n
+    errors: list = []
+
+    def body(r):
+        try:
+            results[r] = fn(r, comms[r])
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            errors.append(exc)
+            comms[r]._s["barrier"].abort()
+
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    if errors:
+        raise errors[0]
+    return results

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 
 import numpy as np
 import pytest
 from synth import make_strategy, np_slice
 
 import distckpt
-from distckpt.comm import Communicator
 from distckpt.mindspore import cell_state, from_numpy, load_pretrained, save_pretrained
+from distckpt.testing import run_ranks
 
 FP32 = dict(
     compute_dtype="float32",
@@ -48,58 +47,6 @@ CFG = dict(
     **FP32,
 )
 IDS = (np.arange(8, dtype=np.int32).reshape(1, 8) * 7 + 3) % 64
-
-
-class ThreadComm(Communicator):
-    """Ranks as threads of one process (shared slots + a barrier): a real multi-rank save on CPU."""
-
-    def __init__(self, rank: int, shared: dict):
-        self.rank, self.size, self._s = rank, shared["size"], shared
-
-    @staticmethod
-    def group(n: int) -> list[ThreadComm]:
-        shared = {"size": n, "barrier": threading.Barrier(n, timeout=120), "slots": [None] * n}
-        return [ThreadComm(r, shared) for r in range(n)]
-
-    def barrier(self, name, *, timeout=None):
-        self._s["barrier"].wait()
-
-    def _allgather_bytes(self, data, name, timeout):
-        self._s["slots"][self.rank] = data
-        self._s["barrier"].wait()
-        out = list(self._s["slots"])
-        self._s["barrier"].wait()
-        return out
-
-    def _broadcast_bytes(self, data, root, name, timeout):
-        if self.rank == root:
-            self._s["slots"][root] = data
-        self._s["barrier"].wait()
-        out = self._s["slots"][root]
-        self._s["barrier"].wait()
-        return out
-
-
-def run_ranks(n: int, fn) -> list:
-    comms = ThreadComm.group(n)
-    results: list = [None] * n
-    errors: list = []
-
-    def body(r):
-        try:
-            results[r] = fn(r, comms[r])
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-            comms[r]._s["barrier"].abort()
-
-    threads = [threading.Thread(target=body, args=(r,)) for r in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    if errors:
-        raise errors[0]
-    return results
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 
 import mindspore as ms
 import numpy as np
@@ -20,7 +19,6 @@ from mindspore import nn
 from synth import make_strategy, np_slice
 
 import distckpt
-from distckpt.comm import Communicator
 from distckpt.errors import ConfigError, DistributedError, DownloadError
 from distckpt.mindspore import (
     AutoConfig,
@@ -32,6 +30,7 @@ from distckpt.mindspore import (
     load_pretrained,
     save_pretrained,
 )
+from distckpt.testing import run_ranks
 
 
 class TinyConfig(PretrainedConfig):
@@ -89,49 +88,6 @@ def _same(a: dict, b: dict):
     assert sorted(a) == sorted(b)
     for k in a:
         assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
-
-
-class ThreadComm(Communicator):
-    def __init__(self, rank, shared):
-        self.rank, self.size, self._s = rank, shared["size"], shared
-
-    def barrier(self, name, *, timeout=None):
-        self._s["barrier"].wait()
-
-    def _allgather_bytes(self, data, name, timeout):
-        self._s["slots"][self.rank] = data
-        self._s["barrier"].wait()
-        out = list(self._s["slots"])
-        self._s["barrier"].wait()
-        return out
-
-    def _broadcast_bytes(self, data, root, name, timeout):
-        if self.rank == root:
-            self._s["slots"][root] = data
-        self._s["barrier"].wait()
-        out = self._s["slots"][root]
-        self._s["barrier"].wait()
-        return out
-
-
-def run_ranks(n, fn):
-    shared = {"size": n, "barrier": threading.Barrier(n, timeout=60), "slots": [None] * n}
-    errors = []
-
-    def body(r):
-        try:
-            fn(r, ThreadComm(r, shared))
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-            shared["barrier"].abort()
-
-    ts = [threading.Thread(target=body, args=(r,)) for r in range(n)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(120)
-    if errors:
-        raise errors[0]
 
 
 @pytest.fixture(autouse=True)

@@ -240,9 +240,9 @@ def read_config(path, *, save_name: Optional[str] = None, storage_options: Optio
     """
     raw = os.fspath(path)
     if raw.endswith((".yaml", ".yml", ".json")):
-        from .pretrained import _split_url
+        from ..storage import split_url
 
-        parent, base = _split_url(raw)
+        parent, base = split_url(raw)
         st = open_storage(parent, storage_options)
         data = st.read_bytes(base, limit=MAX_CONFIG_BYTES)
         return _parse_json(data, raw) if base.endswith(".json") else _parse_yaml(data, raw)

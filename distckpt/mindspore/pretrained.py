@@ -47,14 +47,6 @@ def default_checkpoint_save_folder() -> str:
     return os.environ.get(SAVE_FOLDER_ENV) or os.path.join(os.getcwd(), "checkpoint_save")
 
 
-def _split_url(url: str) -> tuple[str, str]:
-    if "://" in url:
-        head, _, base = url.rstrip("/").rpartition("/")
-        return head, base
-    d, b = os.path.split(os.path.abspath(url))
-    return d, b
-
-
 def _env_rank() -> Optional[int]:
     for var in ("RANK_ID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "RANK"):
         raw = os.environ.get(var)
