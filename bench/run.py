@@ -486,7 +486,7 @@ def render(res: dict) -> str:
         L.append("| checksums | runs (s) | median s | overhead |")
         L.append("|---|---|---:|---:|")
         L.append(f"| off | {', '.join(f'{x:.2f}' for x in off)} | {sorted(off)[len(off) // 2]:.2f} | |")
-        L.append(f"| crc32c, blocks of ~1/256 chunk (64 KiB-1 MiB) | {', '.join(f'{x:.2f}' for x in on)} | "
+        L.append(f"| crc32c, blocks of ~1/256 chunk (4 KiB-1 MiB) | {', '.join(f'{x:.2f}' for x in on)} | "
                  f"{sorted(on)[len(on) // 2]:.2f} | {checksum_overhead(c) * 100:+.1f}% |")
     if "plan" in res:
         p = res["plan"]

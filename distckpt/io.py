@@ -24,12 +24,12 @@ DEFAULT_BLOCK_SIZE = 1 << 20
 _WRITE_PIECE = 8 << 20
 
 
-MIN_BLOCK_SIZE = 64 << 10
+MIN_BLOCK_SIZE = 4 << 10
 BLOCKS_PER_CHUNK = 256
 
 
 def chunk_block_size(nbytes: int, max_block: int = DEFAULT_BLOCK_SIZE) -> int:
-    """Checksum block size for a chunk: about 1/256 of it, a power of two in [64 KiB, max_block].
+    """Checksum block size for a chunk: about 1/256 of it, a power of two in [4 KiB, max_block].
 
     Small enough that a read of an eighth of a chunk, expanded to whole blocks for
     verification, stays within 1.05x of the bytes needed; large enough that the

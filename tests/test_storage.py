@@ -193,21 +193,23 @@ def _flip_byte(st: Storage, name: str, pos: int) -> None:
 @pytest.mark.parametrize("backend", ["local", "memory"])
 def test_flipped_byte(backend, tmp_path):
     url = str(tmp_path / "c") if backend == "local" else "memory://flip/c"
-    a = np.arange(64 * 1024, dtype=np.float32).reshape(256, 256)  # 256 KiB, 4 blocks of 64 KiB
+    a = np.arange(64 * 1024, dtype=np.float32).reshape(256, 256)  # 256 KiB
     b = np.ones((8, 8), np.float32)
     api.save({"a": a, "b": b}, url, block_size=64 << 10)
     st = open_storage(url)
     idx = committed(st)
     (chunk,) = idx.tensors["a"].chunks
     start = chunk.segments[0][0]
-    bad = start + 3 * (64 << 10) + 17  # a byte in block 3 of tensor a (rows 192..255)
+    bs = chunk.block_size
+    assert bs == 4 << 10  # 256 KiB chunk: ~1/256 of it, at least 4 KiB
+    bad = start + (3 << 16) + 17  # a byte in rows 192..255 of tensor a
     _flip_byte(st, chunk.file, bad)
 
     with pytest.raises(ChecksumError) as ei:
         api.load(url)
     msg = str(ei.value)
-    lo = start + 3 * (64 << 10)
-    assert chunk.file in msg and "'a'" in msg and "chunk 0" in msg and f"[{lo}, {lo + (64 << 10)})" in msg
+    lo = start + ((3 << 16) + 17) // bs * bs  # the block holding the flipped byte
+    assert chunk.file in msg and "'a'" in msg and "chunk 0" in msg and f"[{lo}, {lo + bs})" in msg
     # only touched blocks are checked: other tensors, and rows outside the bad block, load fine
     assert np.array_equal(api.load(url, names=["b"])["b"], b)
     s4 = split_strategy(["a"], 4)
@@ -225,7 +227,7 @@ def test_flipped_byte(backend, tmp_path):
 
 
 def test_checksums_are_inline_and_optional(tmp_path):
-    a = np.random.default_rng(0).standard_normal((300, 1000)).astype(np.float32)  # 1.2 MB, 19 blocks of 64 KiB
+    a = np.random.default_rng(0).standard_normal((300, 1000)).astype(np.float32)  # 1.2 MB
     api.save({"a": a}, tmp_path / "on")
     api.save({"a": a}, tmp_path / "off", checksums=False)
     on, off = committed(open_storage(tmp_path / "on")), committed(open_storage(tmp_path / "off"))
@@ -234,7 +236,7 @@ def test_checksums_are_inline_and_optional(tmp_path):
     c = on.tensors["a"].chunks[0]
     raw = a.tobytes()
     bs = c.block_size
-    assert bs == 64 << 10  # ~1/256 of the chunk, at least 64 KiB
+    assert bs == 8 << 10  # 1.2 MB chunk: ~1/256 of it, a power of two
     assert list(c.crcs) == [crc32c.crc32c(raw[i : i + bs]) for i in range(0, len(raw), bs)]
     assert off.checksum == "none" and off.tensors["a"].chunks[0].crcs is None
     assert np.array_equal(api.load(tmp_path / "off")["a"], a)
