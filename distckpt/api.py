@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import posixpath
 import sys
 import time
 import uuid
@@ -37,7 +38,7 @@ from .io import DEFAULT_BLOCK_SIZE, PendingChunk, ReadStats, read_box, write_chu
 from .layout import Box, Strategy, check_tiling, full_box
 from .plan import plan_save
 from .sources import Source, box_of, open_source
-from .storage import Storage, open_storage, split_url
+from .storage import Storage, is_url, open_storage, split_url
 from .strategy import dump_merged_strategy_proto, dump_strategy_proto, load_strategy, strategy_to_json
 
 __all__ = ["save", "load", "finalize", "merge", "split", "reshard", "verify", "inspect", "gc"]
@@ -410,6 +411,28 @@ def load(
 
 
 # ------------------------------------------------------------- output helpers
+def _check_dst_vs_src(src, dst: str) -> None:
+    """Refuse a DST that is SRC, lies inside SRC, or contains SRC (--overwrite would delete it)."""
+    if isinstance(src, Source):
+        return
+    s, d = os.fspath(src), os.fspath(dst)
+
+    def norm(x: str) -> str:
+        if is_url(x):
+            proto, _, rest = x.partition("://")
+            return proto.lower() + "://" + posixpath.normpath("/" + rest).lstrip("/")
+        return os.path.realpath(x)
+
+    sn, dn = norm(s), norm(d)
+    sep = "/" if is_url(sn) else os.sep
+    if sn == dn:
+        raise ConfigError(f"DST {d} is SRC {s}: write the output somewhere else")
+    if dn.startswith(sn.rstrip(sep) + sep):
+        raise ConfigError(f"DST {d} lies inside SRC {s}: write the output outside the checkpoint")
+    if sn.startswith(dn.rstrip(sep) + sep):
+        raise ConfigError(f"SRC {s} lies inside DST {d}: replacing DST would delete SRC; pick another DST")
+
+
 class _Output:
     """A destination built in a temporary place beside DST, moved in on success."""
 
@@ -461,6 +484,8 @@ def _py_value_entry(name: str, v: Any) -> tuple[str, np.ndarray | str]:
     if isinstance(v, bool):
         return "bool", np.asarray(v, dtype=np.bool_)
     if isinstance(v, int):
+        if not -(1 << 63) <= v < 1 << 63:
+            raise FormatError(f"value {name!r} = {v} does not fit in int64, the only integer a .ckpt/.safetensors value can hold")
         return "int64", np.asarray(v, dtype=np.int64)
     return "float32", np.asarray(v, dtype=np.float32)
 
@@ -566,8 +591,9 @@ def merge(
 ) -> dict:
     """Merge SRC into one checkpoint: a ``.ckpt``/``.safetensors`` file, or a MindFormers-ready directory."""
     t0 = time.perf_counter()
-    source = open_source(src, src_strategy=src_strategy, storage_options=storage_options)
     dst = os.fspath(dst)
+    _check_dst_vs_src(src, dst)
+    source = open_source(src, src_strategy=src_strategy, storage_options=storage_options)
     if format is None:
         format = "safetensors" if dst.endswith(".safetensors") else "ckpt"
     if format not in ("ckpt", "safetensors", "distckpt"):
@@ -722,6 +748,7 @@ def _relayout(src, dst, dst_strategy, format, prefix, src_strategy, overwrite, s
         raise FormatError(f"unknown --format {format!r}; use distckpt, ckpt or safetensors")
     if dst_strategy is None:
         raise StrategyError(f"{verb} needs --dst-strategy FILE")
+    _check_dst_vs_src(src, os.fspath(dst))
     source = open_source(src, src_strategy=src_strategy, storage_options=storage_options)
     strat = load_strategy(dst_strategy, storage_options=storage_options)
     missing = [n for n in strat.params if n not in source.tensors]
@@ -820,7 +847,8 @@ def inspect(src, *, src_strategy=None, storage_options: dict | None = None) -> d
         if strat is not None and name in strat:
             spec = strat.params[name]
             row["layout"] = {**spec.layout.to_json(), "stages": list(spec.stages)}
-            row["replicas"] = len(strat.ranks_holding(name)) // max(1, math.prod(spec.layout.full_splits()))
+            holders = len(spec.stages) * strat.stage_device_num  # len(ranks_holding) without building it
+            row["replicas"] = holders // max(1, math.prod(spec.layout.full_splits()))
         else:
             row["layout"] = None
             row["replicas"] = source.world_size if source.kind != "distckpt" or strat is not None else 1

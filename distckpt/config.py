@@ -112,6 +112,8 @@ def parse_size(value: int | str) -> int:
     binary = "i" in unit
     unit = unit.replace("i", "").replace("b", "")
     scale = 1024 ** "kmgtp".index(unit) * 1024 if binary and unit else _UNITS[unit]
+    if not number * scale < 2**63:  # also inf and nan from a 5000-digit number
+        raise ValueError(f"not a size: {value!r} is too large")
     size = int(number * scale)
     if size <= 0:
         raise ValueError(f"size must be > 0, got {value!r}")

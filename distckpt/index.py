@@ -34,7 +34,7 @@ INDEX_NAME = "distckpt.index.json"
 FORMAT = "distckpt"
 VERSION = 1
 MAX_INDEX_BYTES = 1 << 30
-_MAX_DIMS = 64
+_MAX_DIMS = 32  # numpy arrays have at most 32 dims (layout.MAX_NDIM)
 _MAX_INT = 1 << 62
 
 
@@ -139,6 +139,25 @@ def _int(x: Any, what: str, *, lo: int = 0) -> int:
     if isinstance(x, bool) or not isinstance(x, int) or x < lo or x > _MAX_INT:
         raise FormatError(f"{what} is {x!r}: must be an integer in [{lo}, 2**62]")
     return x
+
+
+def _check_disjoint(tensors: dict[str, TensorInfo], where: str) -> None:
+    """No two chunks may share a byte of a file: distckpt never writes that, and an
+    index that does would read one tensor's bytes as another's."""
+    spans: dict[str, list[tuple[int, int, str]]] = {}
+    for name, t in tensors.items():
+        for c in t.chunks:
+            for start, length in c.segments:
+                if length:
+                    spans.setdefault(c.file, []).append((start, start + length, name))
+    for fname, ss in spans.items():
+        ss.sort()
+        for (s0, e0, n0), (s1, e1, n1) in zip(ss, ss[1:]):
+            if s1 < e0:
+                raise FormatError(
+                    f"{where}: chunks of tensor {n0!r} (bytes [{s0}, {e0})) and tensor {n1!r} (bytes [{s1}, {e1})) "
+                    f"overlap in {fname}; the index is corrupt"
+                )
 
 
 @dataclass
@@ -277,6 +296,7 @@ class Index:
             except LayoutError as exc:
                 raise FormatError(f"{where}: {exc}") from None
             tensors[name] = TensorInfo(name, dtype, shape, tuple(chunks))
+        _check_disjoint(tensors, where)
         values_doc = doc.get("values", {})
         if not isinstance(values_doc, dict):
             raise FormatError(f"{where}: 'values' must be an object")

@@ -27,7 +27,16 @@ import numpy as np
 
 from .errors import LayoutError, StrategyError
 
+#: Largest device count a strategy may describe (per stage and in total).  Planning
+#: holds a few int64 arrays with one entry per rank, so a hostile or mistyped
+#: strategy (``dev_matrix [100000, 100000]``) is refused instead of exhausting memory.
+MAX_DEVICES = 1 << 24
+#: Most dims a tensor (and most axes a dev_matrix) may have: numpy's limit.
+MAX_NDIM = 32
+
 __all__ = [
+    "MAX_DEVICES",
+    "MAX_NDIM",
     "Box",
     "TensorLayout",
     "ParamSpec",
@@ -38,6 +47,9 @@ __all__ = [
 
 
 def _ints(values: Iterable, what: str) -> tuple[int, ...]:
+    values = tuple(values)
+    if all(type(v) is int for v in values):  # fast path: a million chunk boxes in an index
+        return values
     out = []
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
@@ -171,9 +183,18 @@ class TensorLayout:
     def __post_init__(self):
         dm = _ints(self.dev_matrix, "dev_matrix")
         if not dm or any(d < 1 for d in dm):
-            raise StrategyError(f"dev_matrix {list(dm)} must be non-empty positive integers")
+            raise StrategyError(f"dev_matrix {list(dm)[:MAX_NDIM]} must be non-empty positive integers")
+        if len(dm) > MAX_NDIM:
+            raise StrategyError(f"dev_matrix has {len(dm)} axes; at most {MAX_NDIM} are supported")
+        if math.prod(dm) > MAX_DEVICES:
+            raise StrategyError(
+                f"dev_matrix {list(dm)} describes {math.prod(dm)} devices; distckpt supports at most "
+                f"{MAX_DEVICES} (2**24): the strategy file is corrupt or not a MindSpore strategy"
+            )
         object.__setattr__(self, "dev_matrix", dm)
         tm = _norm_tensor_map(self.tensor_map)
+        if len(tm) > MAX_NDIM:
+            raise StrategyError(f"tensor_map has {len(tm)} dims; tensors have at most {MAX_NDIM}")
         object.__setattr__(self, "tensor_map", tm)
         seen: set[int] = set()
         for axes in tm:
@@ -340,6 +361,8 @@ class Strategy:
     def __post_init__(self):
         params = dict(self.params)
         object.__setattr__(self, "params", params)
+        if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, (int, np.integer)) or self.num_stages < 1:
+            raise StrategyError(f"num_stages must be a positive integer, got {self.num_stages!r}")
         dn = {p.layout.device_num for p in params.values()}
         if self.stage_device_num == 0:
             if len(dn) > 1:
@@ -354,6 +377,11 @@ class Strategy:
             for s in p.stages:
                 if not 0 <= s < self.num_stages:
                     raise StrategyError(f"{p.name}: stage {s} outside 0..{self.num_stages - 1}")
+        if self.world_size > MAX_DEVICES:
+            raise StrategyError(
+                f"{self.num_stages} pipeline stage(s) x {self.stage_device_num} devices = {self.world_size} ranks; "
+                f"distckpt supports at most {MAX_DEVICES} (2**24): the strategy file is corrupt"
+            )
 
     @property
     def world_size(self) -> int:

@@ -15,6 +15,7 @@ Only headers are read here; tensor bytes are read later, by box.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -66,9 +67,14 @@ def _file_entries(storage: Storage, fname: str) -> tuple[list[Entry], dict | Non
     where = storage.child_url(fname)
     try:
         size = storage.size(fname)
+        if size == 0:
+            raise FormatError(f"{where}: empty file (0 bytes); it holds no checkpoint")
+        f = storage.open_read(fname)
     except FileNotFoundError:
         raise NotCommittedError(f"{where}: file not found") from None
-    with storage.open_read(fname) as f:
+    except IsADirectoryError:
+        raise FormatError(f"{where}: is a directory, expected a .ckpt or .safetensors file") from None
+    with f:
         if fname.endswith(".safetensors"):
             entries, meta = read_safetensors_header(f, size=size, name=where)
             return entries, meta
@@ -111,7 +117,10 @@ def _from_files(storage: Storage, files: list[str], kind: str) -> Index:
 
 
 def _pick_rank_file(storage: Storage, rank_dir: str) -> str:
-    names = [n for n in storage.listdir(rank_dir) if n.endswith((".ckpt", ".safetensors"))]
+    try:
+        names = [n for n in storage.listdir(rank_dir) if n.endswith((".ckpt", ".safetensors"))]
+    except NotADirectoryError:
+        raise FormatError(f"{storage.child_url(rank_dir)}: is a file; a rank directory must be a directory") from None
     ckpts = sorted(n for n in names if n.endswith(".ckpt"))
     if ckpts:  # MindSpore takes the last name in sort order
         return f"{rank_dir}/{ckpts[-1]}"
@@ -148,7 +157,7 @@ def _from_native(storage: Storage, rank_dirs: dict[int, str], strategy: Strategy
         )
     world = strategy.world_size
     have = sorted(rank_dirs)
-    missing = [r for r in range(world) if r not in rank_dirs]
+    missing = list(itertools.islice((r for r in range(world) if r not in rank_dirs), 9))
     if missing:
         shown = f"rank_{have[0]}..rank_{have[-1]}" if have else "no rank directories"
         raise StrategyError(
@@ -256,8 +265,9 @@ def open_source(
         storage = open_storage(parent, opts)
         if not storage.exists(base):
             raise NotCommittedError(f"{url}: no such file")
-        index = _from_files(storage, [base], "file")
-        return Source(storage, index, "file", name=os.path.splitext(base)[0])
+        if not storage.isdir(base):  # a directory named x.ckpt is read as a directory below
+            index = _from_files(storage, [base], "file")
+            return Source(storage, index, "file", name=os.path.splitext(base)[0])
     storage = open_storage(url, opts)
     names = storage.listdir()
     if not names and not storage.exists():
@@ -265,6 +275,7 @@ def open_source(
     strategy = load_strategy(src_strategy, storage_options=opts) if src_strategy is not None else None
     configs = [n for n in names if n.endswith((".yaml", ".yml")) or n in CONFIG_FILES]
     if INDEX_NAME in names:
+        storage.confined = True  # data files are named by the index: never follow a symlink out
         index = Index.loads(storage.read_bytes(INDEX_NAME, limit=MAX_INDEX_BYTES), where=storage.child_url(INDEX_NAME))
         for fname in index.files:
             safe_name(fname, what=f"data file name in {storage.child_url(INDEX_NAME)}")

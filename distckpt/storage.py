@@ -42,6 +42,7 @@ against this contract.
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 import random
@@ -264,6 +265,11 @@ class Storage:
     #: threads for :meth:`read_many` (local disks, object stores)
     local_threads = 2
     remote_threads = 16
+    #: local disks only: refuse to read a file whose real path (symlinks resolved)
+    #: lies outside :attr:`root`.  Set by readers of checkpoints whose files are
+    #: named by untrusted metadata (a distckpt index), so a symlink planted in a
+    #: checkpoint cannot pull bytes from elsewhere on the machine into a tensor.
+    confined = False
 
     def __init__(self, url: str, storage_options: dict | None = None):
         import fsspec
@@ -284,6 +290,7 @@ class Storage:
         self.read_requests = 0
         self.retried = 0
         self._lock = threading.Lock()
+        self._inside: dict[str, bool] = {}
 
     # ----------------------------------------------------------------- naming
     def child_url(self, name: str) -> str:
@@ -295,6 +302,7 @@ class Storage:
         st = Storage.__new__(Storage)
         st.__dict__.update(self.__dict__)
         st._lock = threading.Lock()
+        st._inside = {}
         st.root = self.path(name)
         st.url = self.child_url(name)
         st.bytes_read = 0
@@ -309,6 +317,22 @@ class Storage:
 
     def __repr__(self) -> str:
         return f"Storage({self.url!r})"
+
+    def _check_inside(self, p: str) -> None:
+        """With :attr:`confined` on a local disk: refuse ``p`` if a symlink leads it outside the root."""
+        if not (self.confined and self.is_local):
+            return
+        ok = self._inside.get(p)
+        if ok is None:
+            root = os.path.realpath(self.root)
+            real = os.path.realpath(p)
+            ok = real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+            self._inside[p] = ok
+        if not ok:
+            raise StorageError(
+                f"refusing {p}: it is a symlink (or lies below one) that leads outside the checkpoint directory "
+                f"{self.root} (to {os.path.realpath(p)}); copy the file into the checkpoint instead"
+            )
 
     # ------------------------------------------------------------- retrying
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
@@ -355,6 +379,7 @@ class Storage:
     def size(self, name: str) -> int:
         p = self.path(name)
         if self.is_local:
+            self._check_inside(p)
             return os.path.getsize(p)
         self._invalidate(p)
         return int(self._retry(f"size {p}", lambda: self.fs.size(p)))
@@ -400,6 +425,7 @@ class Storage:
     def open_read(self, name: str) -> BinaryIO:
         p = self.path(name)
         if self.is_local:
+            self._check_inside(p)
             return open(p, "rb")  # noqa: SIM115 - caller closes
         return self._retry(f"open {p}", lambda: self.fs.open(p, "rb", block_size=1 << 20, cache_type="readahead"))
 
@@ -410,6 +436,7 @@ class Storage:
             if n > limit:
                 raise StorageError(f"{self.path(name)}: {n} bytes is larger than the {limit}-byte limit for this kind of file")
         p = self.path(name)
+        self._check_inside(p)
         data = self._retry(f"read {p}", lambda: self.fs.cat_file(p))
         self._count(len(data))
         return data
@@ -424,17 +451,12 @@ class Storage:
         n = len(out)
         p = self.path(name)
         if self.is_local:
-            # os.preadv into the destination buffer: no intermediate copy
-            # (fsspec's local file would read into a new bytes object first).
+            self._check_inside(p)
+
             def _local():
                 fd = os.open(p, os.O_RDONLY)
                 try:
-                    got = 0
-                    while got < n:
-                        k = os.preadv(fd, [out[got:]], start + got)
-                        if k == 0:
-                            raise StorageError(f"{p}: file ends before byte {start + n} (truncated?)")
-                        got += k
+                    self._pread_exact(fd, p, start, out)
                 finally:
                     os.close(fd)
 
@@ -445,6 +467,39 @@ class Storage:
                 raise StorageError(f"{p}: file ends before byte {start + n} (truncated?)")
             out[:] = data
         self._count(n)
+
+    @staticmethod
+    def _pread_exact(fd: int, p: str, start: int, out: memoryview) -> None:
+        """os.preadv into the destination buffer: no intermediate copy
+        (fsspec's local file would read into a new bytes object first)."""
+        n = len(out)
+        got = 0
+        while got < n:
+            k = os.preadv(fd, [out[got:]], start + got)
+            if k == 0:
+                raise StorageError(f"{p}: file ends before byte {start + n} (truncated?)")
+            got += k
+
+    def _read_local_batch(self, batch: Sequence[tuple[str, int, memoryview]]) -> None:
+        """Many local reads in one thread, reusing the open file while the name repeats."""
+        cur_p, fd, total = None, -1, 0
+        try:
+            for name, start, out in batch:
+                p = self.path(name)
+                if p != cur_p:
+                    if fd >= 0:
+                        os.close(fd)
+                        fd = -1
+                    self._check_inside(p)
+                    fd = self._retry(f"open {p}", functools.partial(os.open, p, os.O_RDONLY))
+                    cur_p = p
+                n = len(out)
+                self._retry(f"read {p}[{start}:{start + n}]", functools.partial(self._pread_exact, fd, p, start, out))
+                total += n
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            self._count(total, len(batch))
 
     def read_range(self, name: str, start: int, length: int) -> bytearray:
         buf = bytearray(length)
@@ -473,6 +528,18 @@ class Storage:
                     cut.append((name, start + off, out[off : off + piece]))
             jobs = cut
         workers = threads or (self.local_threads if self.is_local else self.remote_threads)
+        if self.is_local and len(jobs) > 1:
+            # one task per batch, not per read: a million tiny reads (a hostile or
+            # very fragmented index) cost a pread each, not a thread hand-off each
+            size = max(1, -(-len(jobs) // (workers * 8)))
+            batches = [jobs[i : i + size] for i in range(0, len(jobs), size)]
+            if len(batches) == 1 or workers == 1:
+                for b in batches:
+                    self._read_local_batch(b)
+                return
+            with ThreadPoolExecutor(max_workers=min(workers, len(batches))) as pool:
+                list(pool.map(self._read_local_batch, batches))
+            return
         if len(jobs) == 1 or workers == 1:
             for name, start, out in jobs:
                 self.read_into(name, start, out)

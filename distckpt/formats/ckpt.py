@@ -55,7 +55,7 @@ READ_CHUNK = 64 * 1024
 
 _MAX_TAG_BYTES = 1 << 20
 _MAX_TYPE_BYTES = 256
-_MAX_DIMS = 64
+_MAX_DIMS = 32  # numpy arrays have at most 32 dims (layout.MAX_NDIM)
 _FAST_WINDOW = 1024  # bytes of a Value header expected in the buffer for the fast path
 
 # wire types

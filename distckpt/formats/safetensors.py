@@ -23,6 +23,7 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 """Largest JSON header accepted (the reference implementation's limit is 100 MB)."""
 
 _METADATA_KEY = "__metadata__"
+_MAX_NDIM = 32  # numpy arrays have at most 32 dims (layout.MAX_NDIM)
 
 
 def _read_exact(f: BinaryIO, n: int, fname: str, what: str) -> bytes:
@@ -99,6 +100,8 @@ def read_safetensors_header(f: BinaryIO, *, size: int, name: str) -> tuple[list[
         dtype = from_safetensors_name(st_dtype, where=f" in {name}, tensor {tname!r}")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             raise FormatError(f"{where}: shape {shape!r:.200} must be a list of non-negative integers")
+        if len(shape) > _MAX_NDIM:
+            raise FormatError(f"{where}: shape has {len(shape)} dims; at most {_MAX_NDIM} are supported (numpy's limit)")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
