@@ -21,8 +21,12 @@ done
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import distckpt, mindspore, mpi4py" 2>/dev/null; then
     echo "== setting up .venv (pip install -e '.[all]'; a few minutes the first time)"
     "${PYTHON:-python3}" -m venv .venv
-    .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e '.[all]'
+    if ! { .venv/bin/python -m pip install -q --upgrade pip &&
+           .venv/bin/python -m pip install -q -e '.[all]'; } > .venv/install.log 2>&1; then
+        tail -40 .venv/install.log >&2
+        echo "quickstart.sh: installing failed; the whole log is in .venv/install.log" >&2
+        exit 1
+    fi
 fi
 export PATH="$here/.venv/bin:$PATH"
 rm -rf "$out"
