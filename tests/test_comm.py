@@ -279,7 +279,9 @@ def test_launcher_exports_rank_env_and_writes_per_rank_logs(tmp_path):
     local = set()
     for r in range(4):
         text = (logs / f"rank_{r}.log").read_text()
-        env = json.loads(next(line[4:] for line in text.splitlines() if line.startswith("ENV ")))
+        found = re.search(r"ENV (\{[^{}]*\})", text)  # stdout and stderr share the log file
+        assert found, text
+        env = json.loads(found.group(1))
         assert env["RANK_ID"] == str(r) and env["RANK_SIZE"] == "4"
         assert env["DEVICE_ID"] == env["LOCAL_RANK"]
         assert env["CUDA_VISIBLE_DEVICES"] is None and env["MS_ROLE"] is None
