@@ -20,32 +20,13 @@ import os
 
 import numpy as np
 import pytest
+from mpi_scripts.pretrained_job import CFG, FP32  # one tiny Llama config for every test
 from synth import make_strategy, np_slice
 
 import distckpt
 from distckpt.mindspore import cell_state, from_numpy, load_pretrained, save_pretrained
 from distckpt.testing import run_ranks
 
-FP32 = dict(
-    compute_dtype="float32",
-    layernorm_compute_type="float32",
-    softmax_compute_type="float32",
-    rotary_dtype="float32",
-    param_init_type="float32",
-)
-CFG = dict(
-    num_layers=2,
-    hidden_size=32,
-    num_heads=4,
-    vocab_size=64,
-    seq_length=8,
-    batch_size=1,
-    fused_rms_norm=False,
-    use_rope_slice=True,
-    use_past=False,
-    use_flash_attention=False,
-    **FP32,
-)
 IDS = (np.arange(8, dtype=np.int32).reshape(1, 8) * 7 + 3) % 64
 
 
