@@ -90,6 +90,17 @@ def _same(a: dict, b: dict):
         assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
 
 
+def _rank_cells(full: dict, strategy) -> list:
+    """One TinyLM per rank whose Parameters hold that rank's slices (as semi-auto parallel gives them)."""
+    cells = []
+    for r in range(strategy.world_size):
+        c = TinyLM(TinyConfig(), shard=(strategy, r))
+        for n, p in c.parameters_dict().items():
+            p.set_data(from_numpy(np_slice(full[n], strategy.params[n].layout, r)))
+        cells.append(c)
+    return cells
+
+
 @pytest.fixture(autouse=True)
 def _env(monkeypatch, tmp_path):
     for var in ("DISTCKPT_HUB_URL", "DISTCKPT_CACHE", "RANK_ID", "DISTCKPT_CHECKPOINT_SAVE_FOLDER"):
@@ -175,12 +186,7 @@ def test_distributed_save_then_load_in_another_layout(tmp_path):
     full = cell_state(full_model)
     s4 = make_strategy({"emb": ([2, 2], [1, 0]), "proj": ([2, 2], [-1, 0])})  # proj replicated over axis 1
     s2 = make_strategy({"emb": ([2], [-1, 0]), "proj": ([2], [0, -1])})
-    cells = []
-    for r in range(4):
-        c = TinyLM(TinyConfig(), shard=(s4, r))
-        for n, p in c.parameters_dict().items():
-            p.set_data(from_numpy(np_slice(full[n], s4.params[n].layout, r)))
-        cells.append(c)
+    cells = _rank_cells(full, s4)
     d = str(tmp_path / "dist")
     run_ranks(4, lambda r, comm: cells[r].save_pretrained(d, strategy=s4, comm=comm))
     names = os.listdir(d)
@@ -316,12 +322,7 @@ def test_pretrained_on_every_backend(storage_url):
     # distributed: 4 thread-ranks save at once, 2 ranks of another layout read their slices
     s4 = make_strategy({"emb": ([2, 2], [1, 0]), "proj": ([2, 2], [-1, 0])})
     s2 = make_strategy({"emb": ([2], [-1, 0]), "proj": ([2], [0, -1])})
-    cells = []
-    for r in range(4):
-        c = TinyLM(TinyConfig(), shard=(s4, r))
-        for n, p in c.parameters_dict().items():
-            p.set_data(from_numpy(np_slice(full[n], s4.params[n].layout, r)))
-        cells.append(c)
+    cells = _rank_cells(full, s4)
     dist = storage_url.rstrip("/") + "/dist"
     run_ranks(4, lambda r, comm: cells[r].save_pretrained(dist, strategy=s4, comm=comm))
     for r in range(2):
