@@ -1,0 +1,1 @@
+"""Codecs: bytes in, bytes out (wire formats, file formats, MindFormers checkpoint metadata)."""
