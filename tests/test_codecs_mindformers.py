@@ -119,10 +119,14 @@ def _read(path: Path, name: str) -> np.ndarray:
     return np.frombuffer(data, dtype=to_numpy(e.dtype)).reshape(e.shape)
 
 
-def _names_in(path: Path) -> list[str]:
+def _entries(path: Path) -> list[tuple[str, str, tuple[int, ...]]]:
     with open(path, "rb") as f:
         entries, _ = read_safetensors_header(f, size=path.stat().st_size, name=str(path))
-    return [e.name for e in entries]
+    return [(e.name, e.dtype, e.shape) for e in entries]
+
+
+def _names_in(path: Path) -> list[str]:
+    return [name for name, _, _ in _entries(path)]
 
 
 def _reassemble(dir_: Path, md: mf.MFMetadata) -> dict[str, np.ndarray]:
@@ -151,15 +155,11 @@ def test_reassembled_tensors_equal_mindformers_load_and_the_saved_arrays(ckpt):
     assert ckpt.dir.is_dir()
     if ckpt.layout == "standalone":
         assert not (ckpt.dir / mf.METADATA).exists()  # world size 1: no metadata.json
-        got = {}
-        for f in sorted(ckpt.dir.glob("*.safetensors")):
-            for name in _names_in(f):
-                assert name not in got
-                got[name] = _read(f, name)
+        md = mf.standalone_metadata({f.name: _entries(f) for f in sorted(ckpt.dir.glob("*.safetensors"))})
     else:
         _, md = _metadata(ckpt)
-        assert {t.name for t in md.tensors} == set(ckpt.full)
-        got = _reassemble(ckpt.dir, md)
+    assert {t.name for t in md.tensors} == set(ckpt.full)
+    got = _reassemble(ckpt.dir, md)
     assert sorted(got) == sorted(ckpt.full) == sorted(ckpt.oracle)
     dtypes = {_dtype_name(a) for a in got.values()}
     assert {"float32", "bfloat16", "int32"} <= dtypes
@@ -533,6 +533,22 @@ def test_malformed_json_is_refused(data, problem):
     with pytest.raises(FormatError, match=problem) as ei:
         mf.parse_metadata(data, where=WHERE)
     assert str(ei.value).startswith(WHERE)
+
+
+def test_standalone_metadata_refuses_a_tensor_in_two_files():
+    files = {
+        "model-0000000-0000002.safetensors": [("w", "float32", (2, 2))],
+        "model-0000001-0000002.safetensors": [("w", "float32", (1, 2))],
+    }
+    with pytest.raises(
+        FormatError, match="'w' appears in both 'model-0000000-0000002.safetensors' and 'model-0000001"
+    ) as ei:
+        mf.standalone_metadata(files, where="ckpt/iteration_00000001")
+    assert str(ei.value).startswith("ckpt/iteration_00000001: ")
+    with pytest.raises(FormatError, match="refusing file_name"):
+        mf.standalone_metadata({"../x.safetensors": [("w", "float32", (2,))]})
+    md = mf.standalone_metadata({"a.safetensors": [("s", "float32", ()), ("w", "bfloat16", (0, 3))]})
+    assert [c.box for t in md.tensors for c in t.chunks] == [Box((), ()), Box((0, 0), (0, 3))]
 
 
 def test_valid_metadata_round_trips_and_maps_layouts():

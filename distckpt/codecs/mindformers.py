@@ -20,7 +20,7 @@ A reader calls, in order:
    global shape, every chunk as an element :class:`~distckpt.layout.Box` and the file(s) holding
    it; the safetensors header of each file then gives byte offsets (the tensor is stored under
    its own name with the chunk's shape).  Without ``metadata.json`` every ``*.safetensors``
-   file holds whole tensors;
+   file holds whole tensors: :func:`standalone_metadata` describes them from the headers;
 3. :func:`parse_common` on ``common.json`` -> :class:`MFCommon`.
 
 A writer calls :func:`is_optimizer_state` to pick ``model`` or ``opt`` and :func:`file_name`
@@ -39,7 +39,7 @@ import functools
 import json
 import math
 import re
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Union
 
@@ -79,6 +79,7 @@ __all__ = [
     "parse_metadata",
     "dump_metadata",
     "describe_tensor",
+    "standalone_metadata",
     "parse_common",
     "dump_common",
     "is_optimizer_state",
@@ -375,6 +376,8 @@ class MFChunk:
     def __post_init__(self) -> None:
         if not _is_int(self.index) or self.index < 0:
             raise FormatError(f"chunk index must be an integer >= 0, got {_short(self.index)}")
+        if not isinstance(self.box, Box):
+            raise FormatError(f"chunk {self.index}: box must be a Box, got {type(self.box).__name__}")
         object.__setattr__(self, "storage", tuple(self.storage))
         if not self.storage:
             raise FormatError(f"chunk {self.index} has no storage_data entry (no file holds it)")
@@ -553,14 +556,12 @@ class MFTensor:
             raise FormatError(f"tensor name must be a non-empty string, got {_short(self.name)}")
         where = f"tensor {self.name!r}: "
         try:
-            self._validate(where)
-        except (LayoutError, StrategyError) as exc:
-            raise FormatError(f"{where}{exc}") from None
-        except FormatError as exc:
+            self._validate()
+        except (FormatError, LayoutError, StrategyError) as exc:
             msg = str(exc)
             raise FormatError(msg if msg.startswith(where) else where + msg) from None
 
-    def _validate(self, where: str) -> None:
+    def _validate(self) -> None:
         if self.dtype not in DTYPES:
             raise FormatError(f"unknown dtype {self.dtype!r}")
         ms_dtype_name(self.dtype)
@@ -635,7 +636,7 @@ class MFTensor:
                 f"dim {d} of global_shape {list(shape)} does not divide into {frag[d]} slices: MindFormers floors the "
                 f"slice size to {shape[d] // frag[d]} and loses the remaining {shape[d] % frag[d]}"
             )
-        check_tiling(shape, [c.box for c in chunks], name="chunks")
+        check_tiling(shape, [c.box for c in chunks], name=f"tensor {self.name!r}")
 
     @property
     def nbytes(self) -> int:
@@ -951,6 +952,35 @@ def _slice_of(box: Box, step: tuple[int, ...], frag: tuple[int, ...], name: str)
     if len(coords) != len(frag):
         raise FormatError(f"tensor {name!r}: chunk {list(box.offsets)} does not match the tensor's rank")
     return _ravel(coords, frag)
+
+
+def standalone_metadata(
+    files: Mapping[str, Iterable[tuple[str, str, Sequence[int]]]], *, where: str = ""
+) -> MFMetadata:
+    """Metadata of an iteration without ``metadata.json``: each file holds whole tensors.
+
+    ``files``: file name -> ``(tensor name, distckpt dtype, shape)`` of every tensor in it (from
+    its safetensors header), in the order to report.  As MindFormers'
+    ``metadata.generate_default_metadata_from_checkpoint`` reads such a directory, every tensor
+    is one chunk held by rank 0, and a tensor in two files is refused.
+    """
+    pre = f"{where}: " if where else ""
+    seen: dict[str, str] = {}
+    tensors = []
+    for fname, entries in files.items():
+        for name, dtype, shape in entries:
+            if name in seen:
+                raise FormatError(
+                    f"{pre}tensor {name!r} appears in both {seen[name]!r} and {fname!r}; "
+                    "without metadata.json each tensor must be in one file (a multi-rank iteration lost its metadata.json?)"
+                )
+            seen[name] = fname
+            box = Box((0,) * len(shape), tuple(shape))
+            try:
+                tensors.append(describe_tensor(name, dtype, shape, [StoredChunk(box, fname, 0)]))
+            except FormatError as exc:
+                raise FormatError(f"{pre}{exc}") from None
+    return MFMetadata(tuple(tensors))
 
 
 # --------------------------------------------------------------------------- common.json
