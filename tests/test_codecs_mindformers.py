@@ -343,7 +343,7 @@ def test_partial_axis_optimizer_shard_is_refused():
 
 def test_describe_refuses_what_mindformers_would_misread():
     box = Box((0, 0), (4, 6))
-    with pytest.raises(FormatError, match="storage_rank 1 does not hold slice 0"):
+    with pytest.raises(FormatError, match="is not the slice rank 1 holds"):
         mf.describe_tensor(
             "w",
             "float32",
@@ -369,6 +369,12 @@ def test_describe_refuses_what_mindformers_would_misread():
         )
     with pytest.raises(FormatError, match="equal slices"):
         mf.describe_tensor("w", "float32", (8, 6), [mf.StoredChunk(box, "a.safetensors")])
+    with pytest.raises(FormatError, match="does not match shape"):
+        mf.describe_tensor("w", "float32", (8, 6), [mf.StoredChunk(Box((0,), (8,)), "a.safetensors")])
+    with pytest.raises(FormatError, match="listed twice"):
+        mf.describe_tensor("w", "float32", (8,), [mf.StoredChunk(Box((0,), (8,)), "a.safetensors")] * 2)
+    with pytest.raises(FormatError, match="storage_rank must be None or an integer"):
+        mf.StoredChunk(box, "a.safetensors", -1)
     with pytest.raises(FormatError, match="cover 24 elements"):
         mf.describe_tensor(
             "w", "float32", (8, 6), [mf.StoredChunk(box, "a.safetensors")], layout=TensorLayout((2,), ((0,), (-1,)))
@@ -616,6 +622,46 @@ def test_fuzz_parse_metadata_only_raises_format_error(data):
         assert str(exc).startswith(WHERE)
     else:
         mf.parse_metadata(mf.dump_metadata(md))  # what parses also writes back
+
+
+@st.composite
+def _layouts(draw):
+    """A random TensorLayout (nested maps included), a shape it divides, and a rank_list."""
+    dm = tuple(draw(st.lists(st.integers(1, 3), min_size=1, max_size=3)))
+    ndim = draw(st.integers(0, 3))
+    axes = draw(st.permutations(range(len(dm))))
+    cut = sorted(draw(st.lists(st.integers(0, len(dm)), min_size=ndim, max_size=ndim)))
+    used = draw(st.integers(0, len(dm)))
+    tm = []
+    for d in range(ndim):
+        lo, hi = cut[d], cut[d + 1] if d + 1 < ndim else used
+        tm.append(tuple(axes[lo:hi]) if lo < hi else (-1,))
+    tl = TensorLayout(dm, tuple(tm))
+    shape = tuple(k * draw(st.integers(0, 2)) for k in tl.splits)
+    start = draw(st.integers(0, 3)) * tl.device_num
+    return tl, shape, tuple(range(start, start + tl.device_num))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_layouts(), st.booleans())
+def test_describe_dump_parse_round_trip_any_layout(case, with_layout):
+    tl, shape, ranks = case
+    chunks = [
+        mf.StoredChunk(tl.box(r, shape), mf.file_name("model", r % tl.device_num, tl.device_num), r) for r in ranks
+    ]
+    if not with_layout:  # boxes only: one virtual rank per distinct slice, each written once
+        uniq = sorted({c.box for c in chunks}, key=lambda b: b.offsets)
+        chunks = [mf.StoredChunk(b, f"f{i}.safetensors") for i, b in enumerate(uniq)]
+    t = mf.describe_tensor("w", "bfloat16", shape, chunks, layout=tl if with_layout else None, rank_list=ranks)
+    again = mf.parse_metadata(mf.dump_metadata([t])).by_name["w"]
+    assert again == t
+    assert t.layout is not None
+    if with_layout:
+        assert all(t.layout.box(r, shape) == tl.box(r, shape) for r in ranks)
+        assert sorted(s.storage_rank for c in t.chunks for s in c.storage) == list(ranks)
+        assert all(c.box == tl.box(s.storage_rank, shape) for c in t.chunks for s in c.storage)
+    else:
+        assert {c.box for c in t.chunks} == {tl.box(r, shape) for r in ranks}
 
 
 @settings(max_examples=300, deadline=None)

@@ -39,6 +39,7 @@ import functools
 import json
 import math
 import re
+import reprlib
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Union
@@ -323,9 +324,14 @@ def _int_tuple(values: Any, what: str, *, lo: int = 0, max_len: int = MAX_NDIM) 
     return tuple(int(v) for v in values)
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = 8
+_REPR.maxstring = _REPR.maxother = 80
+
+
 def _short(v: Any) -> str:
-    text = repr(v)
-    return text if len(text) <= 120 else text[:117] + "..."
+    """A bounded repr of a value read from storage (a hostile list may hold millions of items)."""
+    return _REPR.repr(v)
 
 
 def _unravel(k: int, shape: Sequence[int]) -> tuple[int, ...]:
@@ -858,6 +864,16 @@ class StoredChunk:
     file_name: str
     storage_rank: int | None = None
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.box, Box):
+            raise FormatError(f"StoredChunk.box must be a Box, got {type(self.box).__name__}")
+        if not isinstance(self.file_name, str):
+            raise FormatError(f"StoredChunk.file_name must be a string, got {_short(self.file_name)}")
+        if self.storage_rank is not None and (not _is_int(self.storage_rank) or self.storage_rank < 0):
+            raise FormatError(
+                f"StoredChunk.storage_rank must be None or an integer >= 0, got {_short(self.storage_rank)}"
+            )
+
 
 def _grid_of(shape: tuple[int, ...], boxes: Sequence[Box], name: str) -> tuple[int, ...]:
     """axis_fragmentations of boxes that form an even grid, else LayoutError."""
@@ -889,11 +905,12 @@ def describe_tensor(
     """An :class:`MFTensor` from distckpt-style facts, ready for :func:`dump_metadata`.
 
     * ``layout`` None: the boxes must form an even grid; the layout written is
-      :meth:`MFLayout.grid` (one virtual rank per slice), and each chunk's ``storage_rank``
-      must be None or its slice index (MindFormers' loader looks files up by rank);
+      :meth:`MFLayout.grid` (one virtual rank per slice, rank k holding slice k);
     * a :class:`~distckpt.layout.TensorLayout` (with ``rank_list``, default
-      ``range(device_num)``) or an :class:`MFLayout`: each box must be one of its slices and
-      each ``storage_rank`` a rank that holds it.
+      ``range(device_num)``) or an :class:`MFLayout`: each box must be one of its slices.
+
+    A chunk's ``storage_rank``, when given, must be a rank whose slice is exactly that box
+    (MindFormers' loader looks files up by rank); None picks the lowest rank holding the box.
 
     ``rank_group`` is every rank holding the slice; ``replica_id`` is computed as MindFormers
     does (the i-th holder of a slice in ``rank_list`` order gets i).
@@ -902,6 +919,9 @@ def describe_tensor(
     stored = list(chunks)
     if not stored:
         raise FormatError(f"tensor {name!r}: no chunk given")
+    for c in stored:
+        if c.box.ndim != len(shape_t):
+            raise FormatError(f"tensor {name!r}: chunk {list(c.box.offsets)} does not match shape {list(shape_t)}")
     try:
         if layout is None:
             mfl = MFLayout.grid(_grid_of(shape_t, [c.box for c in stored], f"tensor {name!r}"))
@@ -923,18 +943,29 @@ def describe_tensor(
     for pos, k in enumerate(slices):
         replica.append(len(groups.setdefault(k, [])))
         groups[k].append(mfl.rank_list[pos])
+    holds = dict(zip(mfl.rank_list, slices))
     step = tuple(n // f for n, f in zip(shape_t, frag))
     by_index: dict[int, list[MFStorage]] = {}
     for c in stored:
-        k = _slice_of(c.box, step, frag, name)
-        group = groups.get(k, [])
-        rank = min(group) if c.storage_rank is None and group else c.storage_rank
-        if rank not in group:
-            raise FormatError(
-                f"tensor {name!r}: storage_rank {c.storage_rank} does not hold slice {k} under the layout "
-                f"(holders: {group[:8]}); MindFormers would read the wrong file"
-            )
-        by_index.setdefault(k, []).append(MFStorage(c.file_name, rank, tuple(group)))
+        if c.storage_rank is None:
+            k = _slice_of(c.box, step, frag, name)
+            rank = min(groups[k])
+        else:
+            rank = c.storage_rank
+            if rank not in holds:
+                raise FormatError(f"tensor {name!r}: storage_rank {rank} is not in the layout's rank_list")
+            k = holds[rank]
+            want = Box(tuple(i * s for i, s in zip(_unravel(k, frag), step)), step)
+            if c.box != want:
+                raise FormatError(
+                    f"tensor {name!r}: chunk {list(c.box.offsets)}+{list(c.box.sizes)} is not the slice rank {rank} "
+                    f"holds under the layout ({list(want.offsets)}+{list(want.sizes)}); "
+                    "MindFormers would read the wrong file"
+                )
+        entry = MFStorage(c.file_name, rank, tuple(groups[k]))
+        if entry in by_index.setdefault(k, []):
+            raise FormatError(f"tensor {name!r}: slice {k} is listed twice in {c.file_name!r} by rank {rank}")
+        by_index[k].append(entry)
     mf_chunks = tuple(MFChunk(k, Box(tuple(i * s for i, s in zip(_unravel(k, frag), step)), step), tuple(v))
                       for k, v in sorted(by_index.items()))  # fmt: skip
     return MFTensor(name, dtype, shape_t, frag, mfl, mf_chunks, tuple(replica))
@@ -949,8 +980,6 @@ def _slice_of(box: Box, step: tuple[int, ...], frag: tuple[int, ...], name: str)
                 f"tensor {name!r}: chunk {list(box.offsets)}+{list(box.sizes)} is not a slice of the layout"
             )
         coords.append(c)
-    if len(coords) != len(frag):
-        raise FormatError(f"tensor {name!r}: chunk {list(box.offsets)} does not match the tensor's rank")
     return _ravel(coords, frag)
 
 
