@@ -221,9 +221,9 @@ def test_export_loads_in_transformers(mf_default, tmp_path):
     assert hf_cfg["rope_theta"] == 10000.0 and hf_cfg["architectures"] == ["Qwen3ForCausalLM"]
 
     def export(path, **layouts):
-        conv = get_model_map("qwen3").from_mf(_shapes(fresh), mf_cfg, **layouts)
         os.makedirs(path)
-        save_file(dict(conv.mf_to_hf(fresh)), os.path.join(path, "model.safetensors"))
+        save_file(dict(get_model_map("qwen3").mf_to_hf(fresh, mf_cfg, **layouts)),
+                  os.path.join(path, "model.safetensors"))
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(hf_cfg, f)
         model = transformers.AutoModelForCausalLM.from_pretrained(path)
@@ -262,9 +262,10 @@ def test_bf16_bit_exact_round_trip(qkv_layout, ffn_layout, hf_moe):
     conv = mm.from_hf(_shapes(bf), hf_moe.config, qkv_layout=qkv_layout, ffn_layout=ffn_layout)
     mf_t = dict(conv.hf_to_mf({k: (lambda v=v: v) for k, v in bf.items()}))  # getters work too
     assert all(v.dtype == ml_dtypes.bfloat16 for v in mf_t.values())
-    back = dict(mm.from_mf(_shapes(mf_t), hf_moe.config, qkv_layout=qkv_layout,
-                           ffn_layout=ffn_layout).mf_to_hf(mf_t))
+    back = dict(mm.mf_to_hf(mf_t, hf_moe.config, qkv_layout=qkv_layout, ffn_layout=ffn_layout))
     _assert_same(back, bf)
+    again = dict(mm.hf_to_mf(back, hf_moe.config, qkv_layout=qkv_layout, ffn_layout=ffn_layout))
+    _assert_same(again, mf_t)
 
 
 def test_fusing_refuses_mixed_dtypes(hf_qwen3):
@@ -584,3 +585,10 @@ def test_hf_config_from_mindformers_config_loads_in_transformers(model, tmp_path
     assert ModelConfig.from_dict(loaded.to_dict()) == ModelConfig.from_dict(base)
     assert loaded.rope_theta == 500000.0
     assert math.isclose(loaded.rms_norm_eps, 1e-6)
+
+
+def test_moe_with_dense_layers_is_refused(hf_moe):
+    """MindFormers' Qwen3-MoE has no dense layers (mlp_only_layers is ignored): refuse, naming the tensors."""
+    shapes = dict(_shapes(hf_moe.tensors), **{"model.layers.1.mlp.gate_proj.weight": (96, 64)})
+    with pytest.raises(FormatError, match=r"no MindFormers name for the HF tensors \['model.layers.1.mlp.gate_proj"):
+        get_model_map("qwen3_moe").from_hf(shapes, hf_moe.config)

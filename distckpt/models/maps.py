@@ -197,7 +197,7 @@ _FAMILIES: dict[str, _Family] = {
     "qwen3_moe": _Family("mindformers.models.qwen3_moe.utils", "Qwen3MoePreTrainedModel", "Qwen3MoeForCausalLM",
                          "qwen3_moe", "Qwen3MoeConfig", "verified",
                          mf_only=(r".*\.mlp\.router\.(fi_accu|expert_load)$",), hf_ignore=_INV_FREQ,
-                         hf_known=_QWEN3_HF + _QWEN3_DENSE_MLP + _QWEN3_MOE_MLP),
+                         hf_known=_QWEN3_HF + _QWEN3_MOE_MLP),  # MF makes every layer MoE: no dense MLPs
     "qwen2": _Family("mindformers.models.qwen2.utils", "Qwen2PreTrainedModel", "Qwen2ForCausalLM", "qwen2",
                      "Qwen2Config", "names", "MindFormers 1.9 has an inference model only (no training model)"),
     "glm4": _Family("mindformers.models.glm4.utils", "Glm4PreTrainedModel", "Glm4ForCausalLM", "glm4",
@@ -414,6 +414,38 @@ class ModelMap:
                               " word embeddings; set tie_word_embeddings in the config")
         return Conversion(self, cfg, qkv_layout, ffn_layout, _sorted_ops(ops))
 
+    def hf_to_mf(
+        self,
+        hf_tensors: Mapping[str, Getter],
+        config: ModelConfig | Mapping[str, Any],
+        *,
+        qkv_layout: str = "interleaved",
+        ffn_layout: str = "interleaved",
+        shapes: Mapping[str, Sequence[int]] | None = None,
+    ) -> Iterator[tuple[str, np.ndarray]]:
+        """Yield ``(mf_name, array)`` for a whole HF state dict, one fused tensor at a time.
+
+        Values are arrays or zero-argument getters; with getters pass ``shapes`` (e.g.
+        from the safetensors headers) so nothing is read before it is needed.
+        """
+        shapes = shapes if shapes is not None else _shapes_of(hf_tensors)
+        conv = self.from_hf(shapes, config, qkv_layout=qkv_layout, ffn_layout=ffn_layout)
+        return conv.hf_to_mf(hf_tensors)
+
+    def mf_to_hf(
+        self,
+        mf_tensors: Mapping[str, Getter],
+        config: ModelConfig | Mapping[str, Any],
+        *,
+        qkv_layout: str = "interleaved",
+        ffn_layout: str = "interleaved",
+        shapes: Mapping[str, Sequence[int]] | None = None,
+    ) -> Iterator[tuple[str, np.ndarray]]:
+        """Yield ``(hf_name, array)`` for a whole MindFormers state dict (model weights only)."""
+        shapes = shapes if shapes is not None else _shapes_of(mf_tensors)
+        conv = self.from_mf(shapes, config, qkv_layout=qkv_layout, ffn_layout=ffn_layout)
+        return conv.mf_to_hf(mf_tensors)
+
     def _expert_names(self, pre, w, mf, shape, cfg: ModelConfig, hf_shapes) -> dict[Any, str]:
         E, H, F = cfg.num_experts, cfg.hidden_size, cfg.moe_ffn_hidden_size
         want = (E * H, 2 * F) if w == "1" else (E * F, H)
@@ -533,6 +565,16 @@ class Conversion:
         """Yield ``(hf_name, array)``, splitting one MF tensor at a time."""
         for op in self.ops:
             yield from zip(op.hf_names, op.split(_fetch(mf_tensors, op.mf_name)))
+
+
+def _shapes_of(tensors: Mapping[str, Getter]) -> dict[str, tuple[int, ...]]:
+    out = {}
+    for name, value in tensors.items():
+        shape = getattr(value, "shape", None)
+        if shape is None:
+            raise LayoutError(f"{name}: a getter has no shape; pass shapes= (e.g. from the safetensors headers)")
+        out[name] = tuple(shape)
+    return out
 
 
 def _fetch(tensors: Mapping[str, Getter], name: str) -> np.ndarray:
