@@ -515,8 +515,9 @@ def test_missing_and_unknown_tensors(hf_qwen3, hf_moe):
     shapes = dict(_shapes(hf_qwen3.tensors), **{"vision.patch_embed.weight": (3, 3)})
     with pytest.raises(FormatError, match="no MindFormers name for the HF tensors \\['vision.patch_embed.weight'\\]"):
         get_model_map("qwen3").from_hf(shapes, hf_qwen3.config)
-    assert "vision.patch_embed.weight" not in get_model_map("qwen3").from_hf(shapes, hf_qwen3.config,
-                                                                              strict=False).hf_shapes
+    lenient = get_model_map("qwen3").from_hf(shapes, hf_qwen3.config, strict=False)
+    assert "vision.patch_embed.weight" not in lenient.hf_shapes
+    assert lenient.skipped == ("vision.patch_embed.weight",)
     with pytest.raises(FormatError, match="config has no experts"):
         get_model_map("qwen3_moe").from_hf(_shapes(hf_moe.tensors), hf_qwen3.config)
     conv = get_model_map("qwen3").from_hf(_shapes(hf_qwen3.tensors), hf_qwen3.config)
@@ -592,3 +593,17 @@ def test_moe_with_dense_layers_is_refused(hf_moe):
     shapes = dict(_shapes(hf_moe.tensors), **{"model.layers.1.mlp.gate_proj.weight": (96, 64)})
     with pytest.raises(FormatError, match=r"no MindFormers name for the HF tensors \['model.layers.1.mlp.gate_proj"):
         get_model_map("qwen3_moe").from_hf(shapes, hf_moe.config)
+
+
+def test_export_from_a_training_checkpoint_leaves_out_non_weights(hf_moe):
+    conv, _ = _import(hf_moe, "qwen3_moe")
+    training = dict(conv.mf_shapes)
+    training.update({"adam_m.decoder.layers.0.mlp.router.weight": (4, 64), "global_step": (1,),
+                     "decoder.layers.0.mlp.router.fi_accu": (4,)})
+    mm = get_model_map("qwen3_moe")
+    with pytest.raises(FormatError, match="adam_m.decoder.layers.0.mlp.router.weight: no HF name"):
+        mm.from_mf(training, hf_moe.config)
+    exp = mm.from_mf(training, hf_moe.config, strict=False)
+    assert sorted(exp.skipped) == ["adam_m.decoder.layers.0.mlp.router.weight",
+                                   "decoder.layers.0.mlp.router.fi_accu", "global_step"]
+    assert exp.hf_shapes == _shapes(hf_moe.tensors)

@@ -320,16 +320,19 @@ class ModelMap:
         ignore = [re.compile(p) for p in self.family.hf_ignore]
         groups: dict[tuple[str, str], dict[Any, str]] = {}
         ops: list[Op] = []
-        unknown = []
+        unknown: list[str] = []
+        skipped: list[str] = []
         for hf in shapes:
             if any(p.match(hf) for p in ignore):
+                skipped.append(hf)
                 continue
             if not self.knows_hf(hf):
                 unknown.append(hf)
                 continue
             mf = self.hf_to_mf_name(hf)
             if cfg.tie_word_embeddings and mf.startswith("output_layer."):
-                continue  # MindFormers shares the embedding; it has no output_layer
+                skipped.append(hf)  # MindFormers shares the embedding; it has no output_layer
+                continue
             m = _EXPERT.match(mf)
             if m:
                 w = "weight2" if m["part"] == "linear_fc2" else "weight1"
@@ -351,7 +354,7 @@ class ModelMap:
             )
         for (kind, mf), members in groups.items():
             ops.append(_fused_op(kind, mf, members, shapes, cfg, qkv_layout, ffn_layout))
-        return Conversion(self, cfg, qkv_layout, ffn_layout, _sorted_ops(ops))
+        return Conversion(self, cfg, qkv_layout, ffn_layout, _sorted_ops(ops), tuple(skipped + unknown))
 
     def from_mf(
         self,
@@ -360,21 +363,25 @@ class ModelMap:
         *,
         qkv_layout: str = "interleaved",
         ffn_layout: str = "interleaved",
+        strict: bool = True,
     ) -> Conversion:
         """The conversion of one MindFormers checkpoint (its tensor names and shapes) to HF tensors.
 
         MF buffers with no HF counterpart (e.g. ``router.fi_accu``) are left out; any other
-        tensor without an HF name raises :class:`FormatError`.  Pass model weights only
-        (no optimizer state).
+        tensor without an HF name raises :class:`FormatError`, unless ``strict=False``:
+        then it is left out too (optimizer state, ``global_step`` ...).  Left-out names
+        are in ``Conversion.skipped``.
         """
         self._require_fused()
         cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
         skip = [re.compile(p) for p in self.family.mf_only]
         hf_shapes: dict[str, tuple[int, ...]] = {}
         groups: dict[tuple[str, str], dict[Any, str]] = {}
+        skipped = []
         for mf, shape in mf_shapes.items():
             shape = tuple(int(x) for x in shape)
-            if any(p.match(mf) for p in skip):
+            if any(p.match(mf) for p in skip) or not (strict or self._maps_to_hf(mf)):
+                skipped.append(mf)
                 continue
             m = _QKV_MF.match(mf)
             if m:
@@ -412,7 +419,23 @@ class ModelMap:
                 and not any(o.mf_name == "output_layer.weight" for o in ops):
             raise FormatError("the MindFormers checkpoint has no output_layer.weight but the config does not tie"
                               " word embeddings; set tie_word_embeddings in the config")
-        return Conversion(self, cfg, qkv_layout, ffn_layout, _sorted_ops(ops))
+        return Conversion(self, cfg, qkv_layout, ffn_layout, _sorted_ops(ops), tuple(skipped))
+
+    def _maps_to_hf(self, mf: str) -> bool:
+        """True when MF tensor ``mf`` (fused or not) has HF counterparts in this family."""
+        for pattern, parts in ((_QKV_MF, ("linear_q",)), (_FC1_MF, ("gating",)), (_EXPERTS_MF, ())):
+            m = pattern.match(mf)
+            if m:
+                if not parts:  # experts: check expert 0
+                    mf = f"{m['pre']}.0.{'gating' if m['w'] == '1' else 'linear_fc2'}.weight"
+                else:
+                    mf = f"{m['pre']}.{parts[0]}.{m['suf']}"
+                break
+        try:
+            self.mf_to_hf_name(mf)
+        except FormatError:
+            return False
+        return True
 
     def hf_to_mf(
         self,
@@ -509,6 +532,7 @@ class Conversion:
     qkv_layout: str
     ffn_layout: str
     ops: tuple[Op, ...]
+    skipped: tuple[str, ...] = ()  # source tensors left out (buffers, ignored or, when not strict, unknown)
     _by_mf: dict[str, Op] = field(init=False, repr=False, compare=False)
     _by_hf: dict[str, Op] = field(init=False, repr=False, compare=False)
 
