@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import threading
 from types import SimpleNamespace
 
@@ -131,6 +132,8 @@ def test_import_is_load_hf_checkpoint(model, mf, hf_qwen3, hf_moe):
     from mindformers.checkpoint.checkpoint import load_hf_checkpoint
 
     hf = hf_qwen3 if model == "qwen3" else hf_moe
+    with open(os.path.join(hf.path, "model.safetensors.index.json")) as f:
+        assert len(set(json.load(f)["weight_map"].values())) > 3  # a sharded checkpoint
     net = H.mf_model(hf.config)
     load_hf_checkpoint(hf.path, net)
     _, ours = _import(hf, model)
@@ -144,8 +147,7 @@ def test_import_is_convert_hf_weight(qkv_layout, ffn_layout, mf, hf_qwen3):
     mm = get_model_map("qwen3")
     _, ours = _import(hf_qwen3, qkv_layout=qkv_layout, ffn_layout=ffn_layout)
     split = {mm.hf_to_mf_name(k): v for k, v in hf_qwen3.tensors.items()}
-    need_concat = {k: v for k, v in split.items() if ".linear_q" in k or ".linear_k." in k or ".linear_v." in k
-                   or ".gating." in k or ".hidden." in k}
+    need_concat = {k: v for k, v in split.items() if re.search(r"\.(linear_[qkv]|gating|hidden)\.", k)}
     fused = net.convert_hf_weight(need_concat)
     assert len(fused) == 2 * H.QWEN3["num_hidden_layers"]
     _assert_same({k: ours[k] for k in fused}, fused)

@@ -200,7 +200,7 @@ def hf_config_from_mf(
     out.setdefault("rope_theta", 10000.0)
     out.setdefault("hidden_act", "silu")
     out.setdefault("attention_bias", False)
-    if isinstance(out.get("rope_scaling"), Mapping) is False:
+    if not isinstance(out.get("rope_scaling"), Mapping):
         out["rope_scaling"] = None
     for key in ("rope_theta", "rms_norm_eps", "initializer_range", "attention_dropout"):
         if key in out:
