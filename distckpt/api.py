@@ -53,11 +53,13 @@ from .sources import Source, SourceKind, open_source
 from .state import split_state
 from .storage import Staging, open_storage
 from .strategy import load_strategy, strategy_bytes, strategy_to_json
-from .writers import OutItem, write_ckpt_file, write_safetensors_file, write_sharded
+from .writers import OUTPUTS, OutItem, OutputJob, output_writer, write_ckpt_file, write_safetensors_file, write_sharded
 
 __all__ = ["save", "load", "finalize", "merge", "split", "reshard", "verify", "inspect", "gc"]
 
-FORMATS = ("ckpt", "safetensors", "distckpt")
+#: Output formats of ``merge``, and of ``split`` / ``reshard``.
+MERGE_FORMATS = ("ckpt", "safetensors", "distckpt", "mindformers", "hf")
+RELAYOUT_FORMATS = ("distckpt", "ckpt", "safetensors", "mindformers")
 
 
 # ------------------------------------------------------------------------ save
@@ -84,7 +86,7 @@ def save(
     """
     rank_mode = rank is not None and comm is None
     c: Communicator = SingleComm() if rank_mode else get_comm(comm)
-    me = rank if rank_mode else c.rank
+    me: int = rank if rank is not None and rank_mode else c.rank
     store = open_storage(path, storage_options)
     prep: dict[str, Any] = {}
     error: BaseException | None = None
@@ -268,6 +270,10 @@ def load(
     verify: bool = True,
     comm=None,
     stats: ReadStats | None = None,
+    iteration: int | None = None,
+    model: str | None = None,
+    qkv_layout: str | None = None,
+    ffn_layout: str | None = None,
 ) -> dict:
     """Read a checkpoint; with ``strategy`` return exactly this rank's slices.
 
@@ -276,7 +282,7 @@ def load(
     plus the tensors the strategy does not name.  Only overlapping chunks are
     read.  Arrays are numpy (bf16 as ``ml_dtypes.bfloat16``).
     """
-    src = open_source(path, src_strategy=src_strategy, storage_options=storage_options)
+    src = _open(path, src_strategy, storage_options, iteration=iteration, **_model_options(model, qkv_layout, ffn_layout))
     want = set(names) if names is not None else None
     if want is not None:
         unknown = want - set(src.tensors) - set(src.values)
@@ -293,7 +299,7 @@ def load(
     st = stats if stats is not None else ReadStats()
     out: dict[str, Any] = {}
     for item in plan_load({n: t.shape for n, t in src.tensors.items()}, strat, rank, want):
-        out[item.name] = read_box(src.storage, src.tensors[item.name], item.box, verify=verify, stats=st)
+        out[item.name] = src.read(item.name, item.box, verify=verify, stats=st)
     for k, v in src.values.items():
         if want is None or k in want:
             out[k] = v
@@ -327,8 +333,8 @@ def _check_dst_vs_src(src, dst: str) -> None:
         raise ConfigError(f"SRC {s} lies inside DST {d}: replacing DST would delete SRC; pick another DST")
 
 
-def _reader(src: Source, t: TensorInfo, box: Box, verify: bool, stats: ReadStats):
-    return lambda: read_box(src.storage, t, box, verify=verify, stats=stats)
+def _reader(src: Source, name: str, box: Box, verify: bool, stats: ReadStats):
+    return lambda: src.read(name, box, verify=verify, stats=stats)
 
 
 def _warn_missing(source: Source, strict: bool) -> None:
@@ -345,12 +351,12 @@ def _warn_missing(source: Source, strict: bool) -> None:
     print("warning: " + msg + "; skipped", file=sys.stderr)
 
 
-def _output_format(dst: str, format: str | None) -> str:
+def _output_format(dst: str, format: str | None, allowed: tuple[str, ...]) -> str:
     ext = "ckpt" if dst.endswith(".ckpt") else "safetensors" if dst.endswith(".safetensors") else None
     if format is None:
         return ext or "ckpt"
-    if format not in FORMATS:
-        raise FormatError(f"unknown --format {format!r}; use {', '.join(FORMATS)}")
+    if format not in allowed:
+        raise FormatError(f"unknown --format {format!r}; use {', '.join(allowed)}")
     if ext is not None and format != ext:
         raise UsageError(f"--format {format} contradicts DST {dst}, whose name ends in .{ext}")
     return format
@@ -368,21 +374,29 @@ def merge(
     verify: bool = True,
     quiet: bool = True,
     strict: bool = False,
+    iteration: int | None = None,
+    model: str | None = None,
+    qkv_layout: str | None = None,
+    ffn_layout: str | None = None,
+    hf_config=None,
+    dst_iteration: int | None = None,
 ) -> dict:
-    """Merge SRC into one checkpoint: a ``.ckpt``/``.safetensors`` file, or a MindFormers-ready directory."""
+    """Merge SRC into one checkpoint: a ``.ckpt``/``.safetensors`` file, a MindFormers-ready directory,
+    a one-rank MindFormers checkpoint (``format="mindformers"``) or a HuggingFace model (``format="hf"``)."""
     t0 = time.perf_counter()
     dst = os.fspath(dst)
-    format = _output_format(dst, format)
+    format = _output_format(dst, format, MERGE_FORMATS)
     shard = size_option(max_shard_size)
     _check_dst_vs_src(src, dst)
-    source = open_source(src, src_strategy=src_strategy, storage_options=storage_options)
+    source = _open(src, src_strategy, storage_options, iteration=iteration,
+                   **({} if format == "hf" else _model_options(model, qkv_layout, ffn_layout)))
     _warn_missing(source, strict)
     stats = ReadStats()
     tensors = list(source.tensors.values())
     if format == "ckpt":
         for t in tensors:
             dtypes.ckpt_name(t.dtype, tensor=t.name)
-    items = [OutItem(t.name, t.dtype, t.shape, _reader(source, t, full_box(t.shape), verify, stats)) for t in tensors]
+    items = [OutItem(t.name, t.dtype, t.shape, _reader(source, t.name, full_box(t.shape), verify, stats)) for t in tensors]
     items = counted(items, desc="merge", quiet=quiet)
     single = dst.endswith((".ckpt", ".safetensors"))
     with Staging(dst, kind="file" if single else "dir", overwrite=overwrite, storage_options=storage_options) as out:
@@ -392,6 +406,10 @@ def merge(
         elif format == "distckpt":
             files = _write_distckpt(out.store, source, None, 1, verify, stats)
             _copy_configs(source, out.store)
+        elif format in OUTPUTS:
+            options = {"max_shard_size": shard, "quiet": quiet, "dst_iteration": dst_iteration, "plain": False,
+                       "hf_config": hf_config, **_model_options(model, qkv_layout, ffn_layout)}
+            files = output_writer(format)(OutputJob(out.store, source, None, _read_fn(source, verify, stats), options))
         else:
             stem = source.name if format == "ckpt" else "model"
             files = write_sharded(out.store, items, source.values, stem=stem, ext=format, max_shard_size=shard)
@@ -405,6 +423,21 @@ def merge(
         "read": stats.to_json(),
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def _model_options(model, qkv_layout, ffn_layout) -> dict:
+    """The HuggingFace model-map options that were given (a source reads HF weights as MindFormers' through them)."""
+    got = {"model": model, "qkv_layout": qkv_layout, "ffn_layout": ffn_layout}
+    return {k: v for k, v in got.items() if v is not None}
+
+
+def _open(src, src_strategy, storage_options, **options) -> Source:
+    return open_source(src, src_strategy=src_strategy, storage_options=storage_options,
+                       **{k: v for k, v in options.items() if v is not None})
+
+
+def _read_fn(source: Source, verify: bool, stats: ReadStats):
+    return lambda name, box: source.read(name, box, verify=verify, stats=stats)
 
 
 def _copy_configs(src: Source, out, *, json_only: bool = False) -> None:
@@ -437,7 +470,7 @@ def _write_distckpt(store, source: Source, strategy: Strategy | None, world: int
     for r in sorted(by_writer):
         fname = naming.data_file(save_id, r)
         pending = [
-            PendingChunk(it.name, it.box, it.dtype, _reader(source, source.tensors[it.name], it.box, verify, stats))
+            PendingChunk(it.name, it.box, it.dtype, _reader(source, it.name, it.box, verify, stats))
             for it in by_writer[r]
         ]
         recs, size = write_chunk_file(store, fname, pending, rank=r)
@@ -464,10 +497,17 @@ def split(
     verify: bool = True,
     quiet: bool = True,
     strict: bool = False,
+    iteration: int | None = None,
+    model: str | None = None,
+    qkv_layout: str | None = None,
+    ffn_layout: str | None = None,
+    dst_iteration: int | None = None,
+    plain: bool = False,
 ) -> dict:
     """Cut SRC into the shards of ``dst_strategy``."""
     return _relayout(src, dst, dst_strategy, format, prefix, src_strategy, overwrite, storage_options, verify, quiet,
-                     strict, "split")
+                     strict, "split", dict(iteration=iteration, **_model_options(model, qkv_layout, ffn_layout)),
+                     {"dst_iteration": dst_iteration, "plain": plain})
 
 
 def reshard(
@@ -483,22 +523,29 @@ def reshard(
     verify: bool = True,
     quiet: bool = True,
     strict: bool = False,
+    iteration: int | None = None,
+    model: str | None = None,
+    qkv_layout: str | None = None,
+    ffn_layout: str | None = None,
+    dst_iteration: int | None = None,
+    plain: bool = False,
 ) -> dict:
     """Move SRC into another parallel layout (any world size)."""
     return _relayout(src, dst, dst_strategy, format, prefix, src_strategy, overwrite, storage_options, verify, quiet,
-                     strict, "reshard")
+                     strict, "reshard", dict(iteration=iteration, **_model_options(model, qkv_layout, ffn_layout)),
+                     {"dst_iteration": dst_iteration, "plain": plain})
 
 
 def _relayout(src, dst, dst_strategy, format, prefix, src_strategy, overwrite, storage_options, verify, quiet, strict,
-              verb) -> dict:
+              verb, source_options: dict, output_options: dict) -> dict:
     t0 = time.perf_counter()
-    if format not in FORMATS:
-        raise FormatError(f"unknown --format {format!r}; use distckpt, ckpt or safetensors")
+    if format not in RELAYOUT_FORMATS:
+        raise FormatError(f"unknown --format {format!r}; use {', '.join(RELAYOUT_FORMATS)}")
     if dst_strategy is None:
         raise UsageError(f"{verb} needs --dst-strategy FILE (the strategy of the target layout)")
     _check_prefix(prefix)
     _check_dst_vs_src(src, os.fspath(dst))
-    source = open_source(src, src_strategy=src_strategy, storage_options=storage_options)
+    source = _open(src, src_strategy, storage_options, **source_options)
     _warn_missing(source, strict)
     strat = load_strategy(dst_strategy, storage_options=storage_options)
     if format == "ckpt":  # what a .ckpt cannot hold is refused before anything else
@@ -510,9 +557,13 @@ def _relayout(src, dst, dst_strategy, format, prefix, src_strategy, overwrite, s
     with Staging(os.fspath(dst), kind="dir", overwrite=overwrite, storage_options=storage_options) as out:
         if format == "distckpt":
             files = _write_distckpt(out.store, source, strat, strat.world_size, verify, stats)
+        elif format in OUTPUTS:
+            options = {"quiet": quiet, "prefix": prefix, **output_options}
+            files = output_writer(format)(OutputJob(out.store, source, strat, _read_fn(source, verify, stats), options))
         else:
             files = _write_rank_files(out.store, source, strat, format, prefix, verify, stats, quiet, verb)
-        _copy_configs(source, out.store)
+        if format != "mindformers":
+            _copy_configs(source, out.store)
     return {
         "dst": os.fspath(dst),
         "format": format,
@@ -541,8 +592,7 @@ def _write_rank_files(store, source: Source, strat: Strategy, format: str, prefi
     shapes = {n: t.shape for n, t in source.tensors.items()}
     for r in progress(range(strat.world_size), total=strat.world_size, desc=verb, quiet=quiet):
         items = [
-            OutItem(i.name, source.tensors[i.name].dtype, i.box.sizes,
-                    _reader(source, source.tensors[i.name], i.box, verify, stats))
+            OutItem(i.name, source.tensors[i.name].dtype, i.box.sizes, _reader(source, i.name, i.box, verify, stats))
             for i in plan_load(shapes, strat, r)
         ]
         fname = naming.rank_file(r, prefix, format)
@@ -554,7 +604,8 @@ def _write_rank_files(store, source: Source, strat: Strategy, format: str, prefi
 
 # ------------------------------------------------------------ verify / inspect
 def verify(src, *, src_strategy=None, storage_options: dict | None = None, quiet: bool = True,
-           raise_errors: bool = True) -> dict:
+           raise_errors: bool = True, iteration: int | None = None, model: str | None = None,
+           qkv_layout: str | None = None, ffn_layout: str | None = None) -> dict:
     """Check every file, every chunk and every checksum, and report every problem found.
 
     Returns ``{"src", "kind", "ok", "checksums", "problems": [{"file", "tensor", "chunk", "what"}], ...}``.
@@ -563,7 +614,7 @@ def verify(src, *, src_strategy=None, storage_options: dict | None = None, quiet
     """
     from .progress import progress
 
-    source = open_source(src, src_strategy=src_strategy, storage_options=storage_options)
+    source = _open(src, src_strategy, storage_options, iteration=iteration, **_model_options(model, qkv_layout, ffn_layout))
     problems: list[dict] = []
     errors: list[DistCkptError] = []
 
@@ -611,15 +662,17 @@ def verify(src, *, src_strategy=None, storage_options: dict | None = None, quiet
     if problems and raise_errors:
         first = errors[0]
         more = f" (and {len(problems) - 1} more problem(s); `distckpt verify --json` lists them)" if len(problems) > 1 else ""
-        exc = type(first)(f"{first}{more}")
-        exc.report = rep  # type: ignore[attr-defined]
-        raise exc
+        failure = type(first)(f"{first}{more}")
+        failure.report = rep  # type: ignore[attr-defined]
+        raise failure
     return rep
 
 
-def inspect(src, *, src_strategy=None, storage_options: dict | None = None) -> dict:
+def inspect(src, *, src_strategy=None, storage_options: dict | None = None, iteration: int | None = None,
+            model: str | None = None, qkv_layout: str | None = None, ffn_layout: str | None = None) -> dict:
     """Describe SRC: tensors, dtypes, global shapes, chunks, bytes, layout, replicas."""
     from .inspection import describe
 
-    return describe(open_source(src, src_strategy=src_strategy, storage_options=storage_options))
+    return describe(_open(src, src_strategy, storage_options, iteration=iteration,
+                          **_model_options(model, qkv_layout, ffn_layout)))
 

@@ -32,6 +32,13 @@ def _common(p: argparse.ArgumentParser, *, src: bool = True) -> None:
     )
     if src:
         g.add_argument("--src-strategy", metavar="FILE", help="parallel strategy SRC was saved with (file, dir or URL)")
+        g.add_argument("--src-iteration", metavar="N", type=int,
+                       help="a MindFormers checkpoint root: read iteration N instead of the tracker's")
+        g.add_argument("--model", metavar="NAME",
+                       help="SRC is a HuggingFace model of this family (e.g. qwen3): read it with MindFormers' names "
+                       "and fused weights (merge --format hf: the family to export as)")
+        g.add_argument("--qkv-layout", choices=["interleaved", "contiguous"], help="fused QKV layout (default interleaved)")
+        g.add_argument("--ffn-layout", choices=["interleaved", "contiguous"], help="fused gate/up layout (default interleaved)")
 
 
 def _json_arg(s: str) -> dict:
@@ -104,8 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("src", metavar="SRC", help=SRC_HELP)
     s.add_argument("dst", metavar="DST", help="a .ckpt or .safetensors file, or a directory")
-    s.add_argument("--format", choices=["ckpt", "safetensors", "distckpt"], help="output format (default from DST)")
+    s.add_argument("--format", choices=["ckpt", "safetensors", "distckpt", "mindformers", "hf"],
+                   help="output format (default from DST)")
     s.add_argument("--max-shard-size", metavar="SIZE", help="shard a directory output, e.g. 5GB")
+    s.add_argument("--hf-config", metavar="FILE", help="--format hf: the config.json to write (default: derived from SRC)")
+    s.add_argument("--dst-iteration", metavar="N", type=int, help="--format mindformers: the iteration to write")
     s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     s.add_argument("--no-verify", dest="verify", action="store_false", help="skip checksum verification")
     s.add_argument("--strict", action="store_true", help="fail if the strategy names parameters no file holds")
@@ -122,8 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("src", metavar="SRC", help=SRC_HELP)
         s.add_argument("dst", metavar="DST", help="output directory")
         s.add_argument("--dst-strategy", metavar="FILE", help="strategy of the target layout (required; or strategy.dst in --config)")
-        s.add_argument("--format", choices=["distckpt", "ckpt", "safetensors"], help="output format (default distckpt)")
+        s.add_argument("--format", choices=["distckpt", "ckpt", "safetensors", "mindformers"],
+                       help="output format (default distckpt)")
         s.add_argument("--prefix", help="per-rank file prefix for --format ckpt/safetensors (default checkpoint_)")
+        s.add_argument("--dst-iteration", metavar="N", type=int, help="--format mindformers: the iteration to write")
+        s.add_argument("--plain", action="store_true",
+                       help="--format mindformers: one file per rank, replicas included (default: each shard once)")
         s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
         s.add_argument("--no-verify", dest="verify", action="store_false", help="skip checksum verification")
         s.add_argument("--strict", action="store_true", help="fail if the strategy names parameters no file holds")
@@ -206,6 +220,13 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
+def _src_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The SRC selectors given on the command line (MindFormers iteration, HF model map)."""
+    got = {"iteration": getattr(args, "src_iteration", None), "model": getattr(args, "model", None),
+           "qkv_layout": getattr(args, "qkv_layout", None), "ffn_layout": getattr(args, "ffn_layout", None)}
+    return {k: v for k, v in got.items() if v is not None}
+
+
 def _dump(obj: Any) -> None:
     from .jsonutil import dumps
 
@@ -227,7 +248,7 @@ def _run(args: argparse.Namespace) -> int:
             out = plot_tensor(args.src, args.plot, out=args.out, src_strategy=opts.get("src_strategy"), storage_options=so)
             print(f"wrote {out}")
             return 0
-        info = api.inspect(args.src, src_strategy=opts.get("src_strategy"), storage_options=so)
+        info = api.inspect(args.src, src_strategy=opts.get("src_strategy"), storage_options=so, **_src_options(args))
         if args.json:
             _dump(info)
         else:
@@ -235,7 +256,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if cmd == "verify":
         rep = api.verify(args.src, src_strategy=opts.get("src_strategy"), storage_options=so, quiet=quiet,
-                         raise_errors=False)
+                         raise_errors=False, **_src_options(args))
         if args.json:
             _dump(rep)
         else:
@@ -248,7 +269,8 @@ def _run(args: argparse.Namespace) -> int:
     if cmd == "merge":
         rep = api.merge(args.src, args.dst, format=opts.get("format"), max_shard_size=opts.get("max_shard_size"),
                         src_strategy=opts.get("src_strategy"), overwrite=args.overwrite, storage_options=so,
-                        verify=args.verify, quiet=quiet, strict=args.strict)
+                        verify=args.verify, quiet=quiet, strict=args.strict, hf_config=args.hf_config,
+                        dst_iteration=args.dst_iteration, **_src_options(args))
         _report(rep, quiet)
         return 0
     if cmd in ("split", "reshard"):
@@ -257,7 +279,8 @@ def _run(args: argparse.Namespace) -> int:
         fn = api.split if cmd == "split" else api.reshard
         rep = fn(args.src, args.dst, dst_strategy=opts.get("dst_strategy"), format=opts.get("format") or "distckpt",
                  prefix=opts.get("prefix") or "checkpoint_", src_strategy=opts.get("src_strategy"),
-                 overwrite=args.overwrite, storage_options=so, verify=args.verify, quiet=quiet, strict=args.strict)
+                 overwrite=args.overwrite, storage_options=so, verify=args.verify, quiet=quiet, strict=args.strict,
+                 dst_iteration=args.dst_iteration, plain=args.plain, **_src_options(args))
         _report(rep, quiet)
         return 0
     if cmd == "finalize":

@@ -111,7 +111,7 @@ def write_chunk_file(
                     f"tensor {p.name!r}: chunk at {list(p.box.offsets)} is {dtypes.name_of(arr.dtype)}{list(arr.shape)}, "
                     f"expected {p.dtype}{list(p.box.sizes)}"
                 )
-            mv = memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")
+            mv = dtypes.byteview(arr)
             bs = chunk_block_size(len(mv), block_size)
             start = w.data_offset(p.key)
             piece = max(bs, (_WRITE_PIECE // bs) * bs)  # whole checksum blocks
@@ -231,7 +231,7 @@ def read_box(
                 and dest.dtype == dtype
             )
             if direct:
-                buf = memoryview(dest.reshape(-1).view(np.uint8)) if dest.size else memoryview(bytearray(0))
+                buf = dtypes.byteview(dest) if dest.size else memoryview(bytearray(0))
             else:
                 buf = memoryview(bytearray(hi - lo))
             jobs.extend(_file_jobs(chunk, lo, buf))

@@ -126,7 +126,7 @@ class CheckpointManager:
         self.wait()  # at most one save in flight; surfaces a background error here
         if not force and not self.should_save(step):
             return False
-        meta = {"step": int(step)}
+        meta: dict[str, Any] = {"step": int(step)}
         if metrics is not None:
             meta["metrics"] = dict(metrics)
         if self.async_save:

@@ -104,6 +104,10 @@ def mcore_context() -> Iterator[None]:
     """MindFormers' context with ``use_legacy=False`` (mcore models), GRAPH mode on CPU; restored after."""
     from mindformers.core.context.build_context import MFContextOperator, build_context
 
+    import mindspore as ms
+
+    mode = ms.get_context("mode")
+    ms.set_context(mode=ms.GRAPH_MODE)  # an earlier test may have left PyNative on (Morph needs GRAPH)
     inst = MFContextOperator.get_mf_ctx_instance()
     if inst is None:
         build_context({"use_legacy": False, "context": {"mode": 0, "device_target": "CPU"}, "parallel": {}})
@@ -116,6 +120,7 @@ def mcore_context() -> Iterator[None]:
         yield
     finally:
         inst.use_legacy = prev
+        ms.set_context(mode=mode)
 
 
 def _cpu_replacements():

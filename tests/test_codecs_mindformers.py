@@ -35,7 +35,7 @@ from mfckpt import COMMON, make_mf_checkpoint, mf_load_standalone
 from distckpt.codecs import mindformers as mf
 from distckpt.dtypes import to_numpy
 from distckpt.errors import FormatError
-from distckpt.formats.safetensors import read_safetensors_header
+from distckpt.codecs.safetensors import read_safetensors_header
 from distckpt.layout import Box, TensorLayout
 
 MULTI = [("dp2mp2", False), ("dp2mp2", True), ("mp4", False), ("mp4", True)]

@@ -132,7 +132,7 @@ class PreTrainedModel(nn.Cell):
             if out_table is not table:
                 self._resized(out_table, int(new_num_tokens))
         self.set_input_embeddings(emb)
-        self.config.vocab_size = int(new_num_tokens)
+        self.config.vocab_size = int(new_num_tokens)  # type: ignore[attr-defined]
         return emb
 
     def prune_heads(self, heads_to_prune: Mapping[int, list[int]]) -> None:

@@ -31,7 +31,7 @@ from .. import dtypes, naming
 from ..commit import distckpt_files
 from ..errors import DistributedError, FormatError, StrategyError, UsageError
 from ..storage import open_storage
-from ..writers import OutItem, write_sharded
+from ..writers import OutItem, constant, write_sharded
 from .config import CONFIG_NAME, DOWNLOAD_KWARGS, config_files_for
 from .convert import cell_state, load_into_cell
 
@@ -57,7 +57,7 @@ def _env_rank() -> Optional[int]:
 
 
 def _items(state: Mapping[str, np.ndarray]) -> list[OutItem]:
-    return [OutItem(n, dtypes.name_of(a.dtype), tuple(a.shape), (lambda a=a: a)) for n, a in state.items()]
+    return [OutItem(n, dtypes.name_of(a.dtype), tuple(a.shape), constant(a)) for n, a in state.items()]
 
 
 def _stale_weights(names: list[str], save_name: str, keep: set[str]) -> list[str]:

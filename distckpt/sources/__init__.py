@@ -25,14 +25,19 @@ import enum
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from .. import naming
 from ..errors import NotCommittedError, NotFoundError, StrategyError, UsageError
 from ..index import Index, TensorInfo
-from ..layout import Strategy
+from ..layout import Box, Strategy
 from ..storage import Store, open_storage, split_url
 from ..strategy import load_strategy, strategy_from_json
+
+if TYPE_CHECKING:
+    from ..execute import ReadStats
 
 __all__ = ["SourceKind", "Source", "Probe", "open_source", "register", "CONFIG_FILES"]
 
@@ -46,6 +51,8 @@ class SourceKind(str, enum.Enum):
     DISTCKPT = "distckpt"
     NATIVE = "native"
     PRETRAINED = "pretrained"
+    MINDFORMERS = "mindformers"
+    HF = "hf"
 
     def __str__(self) -> str:
         return self.value
@@ -81,6 +88,18 @@ class Source:
     def url(self) -> str:
         """What the user named: the file itself for a ``file`` source, else the directory."""
         return self.path or self.storage.url
+
+    def read(self, name: str, box: Box, *, verify: bool = True, stats: ReadStats | None = None,
+             out: np.ndarray | None = None) -> np.ndarray:
+        """Box ``box`` of tensor ``name``: the one way every verb reads tensor data.
+
+        Reads only the chunks' bytes the box needs (:func:`distckpt.execute.read_box`);
+        kinds whose tensors are not stored as such (e.g. fused weights made from several
+        HuggingFace tensors) override this.
+        """
+        from ..execute import read_box
+
+        return read_box(self.storage, self.tensors[name], box, verify=verify, stats=stats, out=out)
 
 
 @dataclass
@@ -201,6 +220,16 @@ register("native", _claims_native, _open_native)
 register("pretrained", _claims_pretrained, _open_pretrained)
 
 
+def _mapped(source: Source, options: Mapping[str, Any]) -> Source:
+    """With ``model=`` (a HuggingFace model family), the source as MindFormers names and fused weights."""
+    if options.get("model") is None:
+        return source
+    from .hf import map_source
+
+    return map_source(source, model=options["model"], qkv_layout=options.get("qkv_layout"),
+                      ffn_layout=options.get("ffn_layout"))
+
+
 # ------------------------------------------------------------------ entry
 def _refuse_rank_slice(url: str, opts: dict) -> None:
     """``rank_N`` with ``rank_*`` siblings is one rank's slice, not a model."""
@@ -238,7 +267,8 @@ def open_source(
             from .files import index_of_files
 
             index = index_of_files(storage, [base])
-            return Source(storage, index, SourceKind.FILE, name=os.path.splitext(base)[0], path=storage.child_url(base))
+            source = Source(storage, index, SourceKind.FILE, name=os.path.splitext(base)[0], path=storage.child_url(base))
+            return _mapped(source, options)
     storage = open_storage(url, opts)
     names = storage.listdir()
     if not names and not storage.exists():
@@ -249,7 +279,7 @@ def open_source(
     probe = Probe(url, storage, names, src_strategy, opts, dict(options))
     for op in _OPENERS:
         if op.claims(probe):
-            return op.open(probe)
+            return _mapped(op.open(probe), probe.options)
     raise NotCommittedError(
         f"not a checkpoint: {url} holds no {naming.INDEX_NAME}, no rank_*/ directories, and no .ckpt/.safetensors weights"
     )

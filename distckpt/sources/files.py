@@ -97,7 +97,8 @@ def pretrained_files(storage: Store, names: list[str]) -> tuple[list[str], str] 
     """Weights of a MindFormers / HuggingFace directory, and the model name stem."""
     yamls = [n for n in names if naming.is_yaml(n)]
     stem = os.path.splitext(yamls[0])[0] if yamls else naming.DEFAULT_STEM
-    candidates = (naming.weight_index_file(naming.DEFAULT_STEM, "ckpt"), naming.weight_index_file("model", "safetensors"))
+    candidates: tuple[str, ...] = (naming.weight_index_file(naming.DEFAULT_STEM, "ckpt"),
+                                   naming.weight_index_file("model", "safetensors"))
     candidates += tuple(n for n in names if n.endswith((".ckpt.index.json", ".safetensors.index.json")))
     for idx_name in candidates:
         if idx_name in names:

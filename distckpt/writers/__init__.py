@@ -32,12 +32,16 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from . import dtypes, jsonutil, naming
-from .errors import FormatError
-from .storage import Store
+from .. import dtypes, jsonutil, naming
+from ..errors import FormatError
+from ..storage import Store
 
 __all__ = [
+    "OutputJob",
+    "OUTPUTS",
+    "output_writer",
     "OutItem",
+    "constant",
     "value_array",
     "write_ckpt_file",
     "write_safetensors_file",
@@ -49,6 +53,38 @@ __all__ = [
 
 #: ``__metadata__`` key of a safetensors file under which distckpt keeps string values.
 VALUES_KEY = "distckpt.values"
+
+
+@dataclass
+class OutputJob:
+    """Everything an output format needs to write SRC into a staging area.
+
+    ``strategy`` is the target layout (None: one merged checkpoint); ``read(name, box)``
+    reads a box of a source tensor (checksums verified and bytes counted as the verb
+    asked); ``options`` holds the verb's format-specific options (``dst_iteration``,
+    ``plain``, ``model``, ``hf_config``, ``max_shard_size``, ``prefix``, ``quiet``, ...).
+    """
+
+    store: Store
+    source: Any  # distckpt.sources.Source (not imported: sources import writers)
+    strategy: Any
+    read: Callable[[str, Any], np.ndarray]
+    options: dict
+
+
+#: Output formats written by a module of their own, by import string (imported on use).
+OUTPUTS: dict[str, str] = {
+    "mindformers": "distckpt.writers.mindformers:write",
+    "hf": "distckpt.writers.hf:write",
+}
+
+
+def output_writer(format: str) -> Callable[[OutputJob], list[str]]:
+    """The ``write(job) -> [names written]`` of a registered output format."""
+    import importlib
+
+    mod, _, fn = OUTPUTS[format].partition(":")
+    return getattr(importlib.import_module(mod), fn)
 
 
 @dataclass(frozen=True)
@@ -63,6 +99,11 @@ class OutItem:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * dtypes.itemsize(self.dtype)
+
+
+def constant(arr: np.ndarray) -> Callable[[], np.ndarray]:
+    """A ``fetch`` that returns ``arr``."""
+    return lambda: arr
 
 
 def value_array(name: str, v: Any) -> np.ndarray | str:
@@ -118,7 +159,7 @@ def _check(item: OutItem, arr: np.ndarray) -> np.ndarray:
 
 def write_ckpt_file(store: Store, fname: str, items: Sequence[OutItem], values: Mapping[str, Any]) -> None:
     """One MindSpore ``.ckpt`` (``mindspore.load_checkpoint`` loads it unchanged)."""
-    from .codecs.ckpt import CkptWriter
+    from ..codecs.ckpt import CkptWriter
 
     for it in items:
         dtypes.ckpt_name(it.dtype, tensor=it.name)  # refuse what .ckpt cannot hold before writing
@@ -139,7 +180,7 @@ def write_safetensors_file(
     store: Store, fname: str, items: Sequence[OutItem], values: Mapping[str, Any], metadata: Mapping[str, str] | None = None
 ) -> None:
     """One ``.safetensors`` file with MindSpore's ``{"format": "ms"}`` metadata."""
-    from .codecs.safetensors import SafetensorsWriter
+    from ..codecs.safetensors import SafetensorsWriter
 
     allitems = list(items)
     strings: dict[str, str] = {}
@@ -148,7 +189,7 @@ def write_safetensors_file(
         if isinstance(arr, str):
             strings[name] = arr
         else:
-            allitems.append(OutItem(name, dtypes.name_of(arr.dtype), (), (lambda a=arr: a)))
+            allitems.append(OutItem(name, dtypes.name_of(arr.dtype), (), constant(arr)))
     meta = {"format": "ms"}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     if strings:
@@ -158,7 +199,7 @@ def write_safetensors_file(
                               name=store.child_url(fname))
         for it in allitems:
             arr = _check(it, it.fetch())
-            w.write(it.name, memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b""))
+            w.write(it.name, dtypes.byteview(arr))
         w.close()
 
 
