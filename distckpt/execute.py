@@ -26,6 +26,7 @@ Object stores keep the planned ranged reads (:func:`distckpt.plan.plan_box_reads
 
 from __future__ import annotations
 
+import bisect
 import errno
 import mmap
 import os
@@ -269,6 +270,14 @@ def _pool() -> ThreadPoolExecutor:
 
 @dataclass
 class ReadStats:
+    """Bytes a job needed, bytes it pulled from storage, and requests.
+
+    Ranged reads count every byte they fetch.  Reads from a mapped local file
+    count each byte of the file once however often it is copied (the page
+    cache serves repeats), via :meth:`touch`: ``split`` of one file into many
+    ranks reads the file once.
+    """
+
     bytes_needed: int = 0
     bytes_read: int = 0
     requests: int = 0
@@ -277,6 +286,28 @@ class ReadStats:
         self.bytes_needed += other.bytes_needed
         self.bytes_read += other.bytes_read
         self.requests += other.requests
+
+    def touch(self, key: Any, lo: int, hi: int) -> None:
+        """Count the bytes [lo, hi) of mapped file ``key`` not counted before."""
+        if hi <= lo:
+            return
+        spans: list[list[int]] = self.__dict__.setdefault("_spans", {}).setdefault(key, [])
+        i = bisect.bisect_left(spans, [lo, lo])
+        if i and spans[i - 1][1] >= lo:
+            i -= 1
+        new, j = 0, i
+        cur_lo, cur_hi = lo, hi
+        while j < len(spans) and spans[j][0] <= cur_hi:
+            a, b = spans[j]
+            if a > cur_lo:
+                new += min(a, hi) - max(cur_lo, lo) if min(a, hi) > max(cur_lo, lo) else 0
+            cur_lo, cur_hi = min(cur_lo, a), max(cur_hi, b)
+            lo = max(lo, b)
+            j += 1
+        if hi > lo:
+            new += hi - lo
+        spans[i:j] = [[cur_lo, cur_hi]]
+        self.bytes_read += new
 
     @property
     def ratio(self) -> float:
@@ -459,15 +490,16 @@ def _read_mapped(storage, tensor, target, hits, dtype, out, verify, st) -> np.nd
             except DistCkptError as exc:
                 raise type(exc)(f"tensor {tensor.name!r}: {exc}") from None
             lo, hi = _span(chunk, inter, item) if inter.numel else (0, 0)
+            start = chunk.segments[0][0]
             st.bytes_needed += inter.numel * item
             st.requests += 1
             if verify and chunk.crcs is not None and hi > lo:
                 bs = chunk.block_size
                 lo, hi = (lo // bs) * bs, min(-(-hi // bs) * bs, chunk.nbytes)
-                start = chunk.segments[0][0]
                 mv = memoryview(_mapping(storage, chunk.file, start + chunk.nbytes))[start + lo : start + hi]
                 checks.append((ci, chunk, lo, _pool().submit(block_crcs, mv, bs)))
-            st.bytes_read += hi - lo
+            start = chunk.segments[0][0]
+            st.touch((id(storage), chunk.file), start + lo, start + hi)
             views.append((arr, chunk, inter))
         if out is None and len(views) == 1 and views[0][1].box == target:
             result = views[0][0]  # the whole chunk: a view of the mapping, no copy
