@@ -385,11 +385,19 @@ def split(
     ffn_layout: str | None = None,
     dst_iteration: int | None = None,
     plain: bool = False,
+    comm=None,
 ) -> dict:
-    """Cut SRC into the shards of ``dst_strategy``."""
-    return _relayout(src, dst, dst_strategy, format, prefix, src_strategy, overwrite, storage_options, verify, quiet,
-                     strict, "split", dict(iteration=iteration, **_model_options(model, qkv_layout, ffn_layout)),
-                     {"dst_iteration": dst_iteration, "plain": plain})
+    """Cut SRC into the shards of ``dst_strategy``.
+
+    Under mpirun every rank calls it and rank 0 does the work (the others wait for its result or error).
+    """
+    def run() -> dict:
+        return _relayout(src, dst, dst_strategy, format, prefix, src_strategy, overwrite, storage_options, verify,
+                         quiet, strict, "split", dict(iteration=iteration, **_model_options(model, qkv_layout, ffn_layout)),
+                         {"dst_iteration": dst_iteration, "plain": plain})
+
+    c = get_comm(comm)
+    return run() if c.size == 1 else c.run_on_root("split", run)
 
 
 def reshard(
@@ -411,11 +419,19 @@ def reshard(
     ffn_layout: str | None = None,
     dst_iteration: int | None = None,
     plain: bool = False,
+    comm=None,
 ) -> dict:
-    """Move SRC into another parallel layout (any world size)."""
-    return _relayout(src, dst, dst_strategy, format, prefix, src_strategy, overwrite, storage_options, verify, quiet,
-                     strict, "reshard", dict(iteration=iteration, **_model_options(model, qkv_layout, ffn_layout)),
-                     {"dst_iteration": dst_iteration, "plain": plain})
+    """Move SRC into another parallel layout (any world size).
+
+    Under mpirun every rank calls it and rank 0 does the work (the others wait for its result or error).
+    """
+    def run() -> dict:
+        return _relayout(src, dst, dst_strategy, format, prefix, src_strategy, overwrite, storage_options, verify,
+                         quiet, strict, "reshard", dict(iteration=iteration, **_model_options(model, qkv_layout, ffn_layout)),
+                         {"dst_iteration": dst_iteration, "plain": plain})
+
+    c = get_comm(comm)
+    return run() if c.size == 1 else c.run_on_root("reshard", run)
 
 
 def _relayout(src, dst, dst_strategy, format, prefix, src_strategy, overwrite, storage_options, verify, quiet, strict,
