@@ -37,7 +37,7 @@ from .execute import DEFAULT_BLOCK_SIZE, PendingChunk, ReadStats, read_box, writ
 from .index import TensorInfo
 from .jobconfig import size_option
 from .layout import Box, Strategy, check_tiling, full_box
-from .plan import check_fit, plan_load, plan_save
+from .plan import SharedRead, check_fit, plan_load, plan_save, plan_shared_reads
 from .progress import counted
 from .saving import SaveJob
 from .sources import Source, SourceKind, open_source
@@ -124,6 +124,7 @@ def load(
     model: str | None = None,
     qkv_layout: str | None = None,
     ffn_layout: str | None = None,
+    cooperative: bool | None = None,
 ) -> dict:
     """Read a checkpoint; with ``strategy`` return exactly this rank's slices.
 
@@ -131,13 +132,24 @@ def load(
     writes to ``rank_{rank}`` (optimizer shard and pipeline stage included),
     plus the tensors the strategy does not name.  Only overlapping chunks are
     read.  Arrays are numpy (bf16 as ``ml_dtypes.bfloat16``).
+
+    Cooperative load: under mpirun, with a strategy and no explicit ``rank``, every rank
+    of the job calls ``load`` together, and each box that several ranks need (data-parallel
+    replicas, tensors the strategy does not name) is read from storage by one of them and
+    sent to the others over the communicator, so the job pulls each byte once.
+    ``cooperative=False`` makes every rank read on its own (a local call); ``True``
+    forces it (every rank of the communicator must call).
     """
+    c = get_comm(comm) if (rank is None or cooperative) else None
+    coop = bool(cooperative) if cooperative is not None else (strategy is not None and rank is None and c is not None
+                                                                and c.size > 1)
+    if coop:
+        assert c is not None
+        return _load_together(c, path, strategy=strategy, src_strategy=src_strategy, names=names,
+                              storage_options=storage_options, verify=verify, stats=stats,
+                              source_options=dict(iteration=iteration, **_model_options(model, qkv_layout, ffn_layout)))
     src = _open(path, src_strategy, storage_options, iteration=iteration, **_model_options(model, qkv_layout, ffn_layout))
-    want = set(names) if names is not None else None
-    if want is not None:
-        unknown = want - set(src.tensors) - set(src.values)
-        if unknown:
-            raise NotCommittedError(f"{src.url}: no tensor(s) {sorted(unknown)[:5]} in this checkpoint")
+    want = _wanted(src, names)
     strat = None
     if strategy is not None:
         strat = _strategy_for(src, strategy, storage_options, strict_missing=want is None, what="destination strategy")
@@ -150,9 +162,59 @@ def load(
     out: dict[str, Any] = {}
     for item in plan_load({n: t.shape for n, t in src.tensors.items()}, strat, rank, want):
         out[item.name] = src.read(item.name, item.box, verify=verify, stats=st)
-    for k, v in src.values.items():
-        if want is None or k in want:
-            out[k] = v
+    out.update(_values(src, want))
+    return out
+
+
+def _wanted(src: Source, names: Iterable[str] | None) -> set[str] | None:
+    want = set(names) if names is not None else None
+    if want is not None:
+        unknown = want - set(src.tensors) - set(src.values)
+        if unknown:
+            raise NotCommittedError(f"{src.url}: no tensor(s) {sorted(unknown)[:5]} in this checkpoint")
+    return want
+
+
+def _values(src: Source, want: set[str] | None) -> dict[str, Any]:
+    return {k: v for k, v in src.values.items() if want is None or k in want}
+
+
+def _load_together(c, path, *, strategy, src_strategy, names, storage_options, verify, stats, source_options) -> dict:
+    """Cooperative load (see :func:`load`): plan from the layout alone, read my share, agree, exchange."""
+    import numpy as np
+
+    st = stats if stats is not None else ReadStats()
+    out: dict[str, Any] = {}
+    plan: list[SharedRead] = []
+    error: BaseException | None = None
+    src: Source | None = None
+    want: set[str] | None = None
+    try:
+        src = _open(path, src_strategy, storage_options, **source_options)
+        want = _wanted(src, names)
+        strat = None
+        if strategy is not None:
+            strat = _strategy_for(src, strategy, storage_options, strict_missing=want is None,
+                                  what="destination strategy")
+            if strat.world_size != c.size:
+                raise StrategyError(f"strategy describes {strat.world_size} ranks but this job has {c.size}")
+        tensors = {n: (t.dtype, t.shape) for n, t in src.tensors.items() if want is None or n in want}
+        plan = plan_shared_reads(tensors, strat, c.size, c.rank)
+        for it in plan:
+            dtype = dtypes.to_numpy(tensors[it.name][0])
+            if it.reader == c.rank:
+                arr = src.read(it.name, it.box, verify=verify, stats=st)
+                out[it.name] = np.ascontiguousarray(arr) if arr.ndim else arr.copy()
+            else:
+                out[it.name] = np.empty(it.box.sizes, dtype=dtype)
+    except Exception as exc:  # noqa: BLE001 - every rank learns of it before any transfer
+        error = exc
+    c.agree("load.read", error)
+    sends = [(m, out[it.name]) for it in plan if it.reader == c.rank for m in it.members if m != c.rank]
+    recvs = [(it.reader, out[it.name]) for it in plan if it.reader != c.rank]
+    c.exchange(sends, recvs, "load.share")
+    assert src is not None
+    out.update(_values(src, want))
     return out
 
 
