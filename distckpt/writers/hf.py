@@ -21,9 +21,11 @@ names and calls :func:`write` with an :class:`~distckpt.writers.OutputJob`.  ``w
    then ``config.json``.
 
 Reading is bounded: an HF tensor is built from the MF row bands its export plan names;
-the last band read is kept, so the band of an interleaved ``linear_fc1`` (or of one
-expert's ``[gate | up]`` rows) is read once and serves gate and up.  Every MF byte is
-read once; dtypes (bf16 included) pass bit for bit.
+the last band read (up to :data:`BAND_BYTES`, more only when one piece spans more) is
+kept, so a fused QKV or an interleaved ``linear_fc1`` is read once and serves q, k, v
+or gate and up, and experts' ``[gate | up]`` rows are read a band of experts at a time.
+Every MF byte is read once (for fused tensors above the budget, QKV's q, k and v each
+read their rows); dtypes (bf16 included) pass bit for bit.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ from . import OutItem, OutputJob, write_sharded
 __all__ = ["write", "DEFAULT_MAX_SHARD_SIZE", "mf_config_of"]
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
+#: Rows of a fused MF tensor read at once for export (a whole QKV / fc1 up to this size).
+BAND_BYTES = 512 << 20
 MAX_CONFIG_BYTES = 16 << 20
 _HF_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -99,10 +103,16 @@ def _main_dtype(source: Any, names: Sequence[str]) -> str | None:
 
 
 class _Bands:
-    """Reads MF row bands for export pieces, keeping the last band (one MF tensor's rows at most)."""
+    """Reads MF row bands for export pieces and keeps the last one.
 
-    def __init__(self, read: Callable[[str, Box], np.ndarray], shapes: dict[str, tuple[int, ...]]):
-        self.read, self.shapes = read, shapes
+    A band is the rows a piece needs (a stepped piece: its whole span), widened to
+    ``budget`` bytes when the tensor has more rows: so a fused QKV or ``linear_fc1`` up to
+    ``budget`` is read once, whole, and serves all its HF tensors, and experts are read a
+    few at a time.  Memory: one band plus the HF tensor being built.
+    """
+
+    def __init__(self, read: Callable[[str, Box], np.ndarray], source: Any, budget: int = BAND_BYTES):
+        self.read, self.source, self.budget = read, source, budget
         self.name: str | None = None
         self.lo = self.hi = 0
         self.array: np.ndarray | None = None
@@ -112,13 +122,16 @@ class _Bands:
 
     def part(self, name: str, src: tuple[slice, ...]) -> np.ndarray:
         """``mf_tensor[src]`` (``src[0]`` may step), from the cached band when it holds those rows."""
-        shape = self.shapes[name]
+        info = self.source.tensors[name]
+        shape = tuple(info.shape)
         s0 = src[0]
         step = s0.step or 1
         count = len(range(s0.start, s0.stop, step))
         lo, hi = s0.start, min(shape[0], s0.start + step * count)  # a stepped run: its whole span
         if not (self.name == name and self.lo <= lo and hi <= self.hi):
             self.drop()
+            row_bytes = max(1, info.nbytes // max(1, shape[0]))
+            hi = min(shape[0], max(hi, lo + self.budget // row_bytes))
             box = Box((lo,) + (0,) * (len(shape) - 1), (hi - lo,) + tuple(shape[1:]))
             self.array = self.read(name, box)
             self.name, self.lo, self.hi = name, lo, hi
@@ -186,7 +199,7 @@ def write(job: OutputJob) -> list[str]:
         doc = hf_config_for(model, mf_cfg, dtype=_main_dtype(source, [op.mf_name for op in conv.ops]))
         config_bytes = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
     _warn_left_out(source, conv.skipped)
-    bands = _Bands(job.read, shapes)
+    bands = _Bands(job.read, source)
     items = []
     for op in conv.ops:  # an op's HF tensors one after another: a band read for gate serves up
         dtype = source.tensors[op.mf_name].dtype
