@@ -20,6 +20,7 @@ from distckpt.errors import ChecksumError, DistCkptError, NotCommittedError, Sto
 from distckpt.execute import ReadStats  # noqa: E402
 from distckpt.index import INDEX_NAME, Index  # noqa: E402
 from distckpt.layout import ParamSpec, Strategy, TensorLayout  # noqa: E402
+from distckpt.saving import SaveJob  # noqa: E402
 from distckpt.storage import Storage, env_storage_options, merge_options, open_storage  # noqa: E402
 from distckpt.strategy import dump_strategy_proto  # noqa: E402
 from distckpt.testing import check_roundtrip, check_storage_contract, sample_state  # noqa: E402
@@ -175,7 +176,7 @@ def test_failed_commit_keeps_old_and_gc_removes_only_debris(storage_url, monkeyp
     # a failed save takes its data file and its marker with it: nothing is left to clean
     assert set(st.listdir()) == before
     # a save killed before it could clean up leaves its marker and data file: gc proves and removes exactly those
-    monkeypatch.setattr(api, "_discard", lambda *a: None)
+    monkeypatch.setattr(SaveJob, "_discard", lambda *a: None)
     with pytest.raises(DistCkptError, match="index PUT failed"):
         api.save({"a": np.zeros(5, np.float32)}, base)
     monkeypatch.undo()
