@@ -38,15 +38,15 @@ from .. import dtypes, jsonutil, naming
 from ..errors import ConfigError, FormatError, NotFoundError
 from ..index import Index, TensorInfo
 from ..layout import Box
+from ..mfconfig import CONFIG_NAME, MAX_CONFIG_BYTES, config_json_from_yaml
 from . import Source, SourceKind
 
 if TYPE_CHECKING:
     from ..execute import ReadStats
     from ..models import Conversion
 
-__all__ = ["HFSource", "map_source", "hf_config_of"]
+__all__ = ["HFSource", "map_source", "hf_config_of", "config_names", "read_json_object"]
 
-MAX_CONFIG_BYTES = 16 << 20
 #: Pieces of one box read at once from remote storage (a rank's QKV slice is 3 per KV group).
 MAX_PARALLEL_PIECES = 16
 
@@ -90,26 +90,33 @@ class HFSource(Source):
         return out
 
 
+def config_names(source: Source) -> list[str]:
+    """SRC's config files: those its opener found, or for one file the ``config.json`` / ``*.yaml`` beside it."""
+    if source.config_files:
+        return list(source.config_files)
+    try:
+        return [n for n in source.storage.listdir() if n == CONFIG_NAME or naming.is_yaml(n)]
+    except OSError:
+        return []
+
+
+def read_json_object(store: Any, name: str) -> dict[str, Any]:
+    """A JSON config file that must hold one object (duplicate keys refused, size capped)."""
+    where = store.child_url(name)
+    doc = jsonutil.loads(store.read_bytes(name, limit=MAX_CONFIG_BYTES), where=where, error=ConfigError)
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{where}: a config must be a JSON object")
+    return doc
+
+
 def hf_config_of(source: Source) -> dict[str, Any]:
     """The HF ``config.json`` beside SRC's weights (a MindFormers ``*.yaml`` is accepted too)."""
-    store = source.storage
-    names = list(source.config_files)
-    if not names:  # a one-file source: look beside the file
-        try:
-            names = [n for n in store.listdir() if n == "config.json" or naming.is_yaml(n)]
-        except (OSError, FileNotFoundError):
-            names = []
-    if "config.json" in names:
-        where = store.child_url("config.json")
-        doc = jsonutil.loads(store.read_bytes("config.json", limit=MAX_CONFIG_BYTES), where=where, error=ConfigError)
-        if not isinstance(doc, dict):
-            raise ConfigError(f"{where}: a config must be a JSON object")
-        return doc
+    names = config_names(source)
+    if CONFIG_NAME in names:
+        return read_json_object(source.storage, CONFIG_NAME)
     yamls = sorted(n for n in names if naming.is_yaml(n))
     if yamls:
-        from ..mfconfig import config_json_from_yaml
-
-        return config_json_from_yaml(store, yamls[0])
+        return config_json_from_yaml(source.storage, yamls[0])
     raise ConfigError(
         f"{source.url}: no config.json beside the weights; the model map needs the model's numbers"
         " (hidden size, heads, KV heads, head_dim ...): put the HF config.json there"

@@ -48,37 +48,28 @@ __all__ = ["write", "DEFAULT_MAX_SHARD_SIZE", "mf_config_of"]
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 #: Rows of a fused MF tensor read at once for export (a whole QKV / fc1 up to this size).
 BAND_BYTES = 512 << 20
-MAX_CONFIG_BYTES = 16 << 20
 _HF_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def mf_config_of(source: Any) -> dict[str, Any] | None:
     """SRC's MindFormers model config as a flat dict (``{name}.yaml``, any ``*.yaml``, else ``config.json``), or None."""
-    from ..mfconfig import config_json_from_yaml
+    from ..mfconfig import CONFIG_NAME, config_json_from_yaml
+    from ..sources.hf import config_names, read_json_object
 
-    store = source.storage
-    names = list(source.config_files)
-    if not names:  # one file: its configs sit beside it
-        try:
-            names = [n for n in store.listdir() if n == "config.json" or naming.is_yaml(n)]
-        except OSError:
-            names = []
+    names = config_names(source)
     yamls = sorted(n for n in names if naming.is_yaml(n))
     if yamls:
         pick = f"{source.name}.yaml" if f"{source.name}.yaml" in yamls else yamls[0]
-        return config_json_from_yaml(store, pick)
-    if "config.json" in names:
-        where = store.child_url("config.json")
-        doc = jsonutil.loads(store.read_bytes("config.json", limit=MAX_CONFIG_BYTES), where=where, error=ConfigError)
-        if not isinstance(doc, dict):
-            raise ConfigError(f"{where}: a config must be a JSON object")
-        return doc
+        return config_json_from_yaml(source.storage, pick)
+    if CONFIG_NAME in names:
+        return read_json_object(source.storage, CONFIG_NAME)
     return None
 
 
 def _read_hf_config(path: Any) -> tuple[dict[str, Any], bytes]:
     import os
 
+    from ..mfconfig import MAX_CONFIG_BYTES
     from ..storage import open_storage, split_url
 
     raw = os.fspath(path)
