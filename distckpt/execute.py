@@ -510,15 +510,19 @@ def _read_mapped(storage, tensor, target, hits, dtype, out, verify, st) -> np.nd
                 raise type(exc)(f"tensor {tensor.name!r}: {exc}") from None
             lo, hi = _span(chunk, inter, item) if inter.numel else (0, 0)
             start = chunk.segments[0][0]
-            st.bytes_needed += inter.numel * item
+            needed = inter.numel * item
+            st.bytes_needed += needed
             st.requests += 1
             if verify and chunk.crcs is not None and hi > lo:
                 bs = chunk.block_size
                 lo, hi = (lo // bs) * bs, min(-(-hi // bs) * bs, chunk.nbytes)
                 mv = memoryview(_mapping(storage, chunk.file, start + chunk.nbytes))[start + lo : start + hi]
                 checks.append((ci, chunk, lo, _pool().submit(block_crcs, mv, bs)))
-            start = chunk.segments[0][0]
-            st.touch((id(storage), chunk.file), start + lo, start + hi)
+                st.touch((id(storage), chunk.file), start + lo, start + hi)  # checksummed: whole blocks are read
+            elif hi - lo == needed:
+                st.touch((id(storage), chunk.file), start + lo, start + hi)  # one run of bytes
+            else:
+                st.bytes_read += needed  # a strided box: only its rows' bytes are copied out of the mapping
             views.append((arr, chunk, inter))
         if out is None and len(views) == 1 and views[0][1].box == target:
             result = _private_chunk(storage, views[0][1], dtype)  # the whole chunk: mapped, no copy
