@@ -69,12 +69,7 @@ def _write_file(storage: Storage, fname: str, write) -> None:
         f.close()
         storage.remove([tmp])
         raise
-    if storage.is_local:
-        os.replace(storage.path(tmp), storage.path(fname))
-    else:
-        if storage.exists(fname):
-            storage.remove([fname])
-        storage.fs.mv(storage.path(tmp), storage.path(fname))
+    storage.replace(tmp, fname)
 
 
 def _write_ckpt(storage: Storage, fname: str, state: Mapping[str, np.ndarray]) -> None:
