@@ -222,7 +222,7 @@ def list_models(
         except FileNotFoundError:
             raise DownloadError(f"hub {hub} has no model list (tried {url}); publish a JSON list there") from None
         except RetryExhausted as exc:
-            raise DownloadError(f"could not read the model list {url}: {exc.last}") from None
+            raise DownloadError(f"could not read the model list {url}: {_last_failure(exc)}") from None
         except StorageError as exc:
             raise DownloadError(f"could not read the model list {url}: {exc}") from None
     finally:
@@ -407,6 +407,14 @@ def _open_hub(hub: str, proxies: Optional[Mapping[str, str]], storage_options: O
     return store
 
 
+def _last_failure(exc: RetryExhausted) -> BaseException:
+    """The failure under nested retry wrappers (the hub store's single attempt inside the hub policy)."""
+    last: BaseException = exc
+    while isinstance(last, RetryExhausted) and last.last is not None:
+        last = last.last
+    return last
+
+
 def _policy() -> RetryPolicy:
     """Attempts per file (``MAX_ATTEMPTS``, read at call time), backoff from ``FIRST_RETRY_DELAY``."""
     return RetryPolicy(attempts=MAX_ATTEMPTS, first_delay=FIRST_RETRY_DELAY, max_delay=MAX_RETRY_DELAY)
@@ -551,7 +559,7 @@ def _download(f: _Fetcher, rel: str, url: str) -> bool:
             return False
         except RetryExhausted as exc:
             raise DownloadError(
-                f"downloading {url} failed after {exc.attempts} attempts ({exc.last}); "
+                f"downloading {url} failed after {exc.attempts} attempts ({_last_failure(exc)}); "
                 f"run again to resume{' from ' + cache.path(tmp) if f.resume else ''}"
             ) from None
         except StorageError as exc:

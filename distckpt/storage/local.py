@@ -215,8 +215,12 @@ class LocalWriter(Writer):
             return space_error(self.where, exc)
         if exc.errno == errno.ELOOP:
             return StorageError(f"{self.where}: is a symlink; refusing to write through it")
-        if exc.errno == errno.ENXIO:
-            return StorageError(f"{self.where}: is a FIFO or device, not a regular file; refusing to write to it")
+        if exc.errno == errno.ENXIO:  # a FIFO without a reader (O_NONBLOCK), or a device
+            try:
+                what = _kind_of(os.stat(self.key).st_mode)[1]
+            except OSError:
+                what = "a FIFO or a device"
+            return StorageError(f"{self.where}: is {what}, not a regular file; refusing to write to it")
         err = StorageError(f"{what} {self.where}: {exc.strerror or exc}")
         err.errno = exc.errno
         return err
