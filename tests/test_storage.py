@@ -508,6 +508,14 @@ def test_short_writes_are_completed_or_reported(tmp_path, monkeypatch):
         st.put("b.bin", data)
     assert not (tmp_path / "b.bin").exists()
 
+    def over_quota(fd, b):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    monkeypatch.setattr(local_backend.os, "write", over_quota)
+    with pytest.raises(StorageError, match=r"not enough space to write .*c\.bin: Disk quota exceeded") as err:
+        st.put("c.bin", data)
+    assert err.value.errno == errno.EDQUOT and not (tmp_path / "c.bin").exists()
+
 
 def test_commit_checks_the_size_and_random_writes(tmp_path):
     st = open_storage(tmp_path)
