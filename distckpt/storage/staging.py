@@ -61,6 +61,9 @@ MARKER_FORMAT = "distckpt-staging/1"
 #: a marker older than this (seconds) is debris even if its pid is alive or on another host
 STALE_AFTER = 24 * 3600.0
 _MARKER_LIMIT = 64 << 10
+#: copied last when a directory is committed on an object store: the distckpt index
+#: (``naming.INDEX_NAME``); a name the output lacks changes nothing
+COMMIT_LAST = "distckpt.index.json"
 
 
 class Terminated(KeyboardInterrupt):
@@ -95,7 +98,7 @@ class Staging:
     ``kind="file"``: write :attr:`name` in :attr:`store` (or call :meth:`open_write`).
     ``overwrite``: replace an existing DST, else :class:`DestinationExistsError`.
     ``marker``: JSON-able facts saved in the marker (save id, verb, ...).
-    ``commit_last``: on object stores, the file copied after all others (an index).
+    ``commit_last``: on object stores, the file copied after all others (default: the distckpt index).
     """
 
     def __init__(
@@ -106,7 +109,7 @@ class Staging:
         overwrite: bool = False,
         storage_options: Optional[dict[str, Any]] = None,
         marker: Optional[Mapping[str, Any]] = None,
-        commit_last: Optional[str] = None,
+        commit_last: Optional[str] = COMMIT_LAST,
     ):
         if kind not in ("dir", "file"):
             raise ValueError(f"Staging kind must be 'dir' or 'file', not {kind!r}")
