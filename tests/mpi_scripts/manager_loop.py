@@ -50,7 +50,7 @@ def main() -> None:
             w = my_slice(weights(step), world, rank)
             if step == args.kill_at_step and rank == world - 1:
                 # die while this step's save is in flight: the data is half written
-                import distckpt.io as dio
+                import distckpt.execute as dio
 
                 real = dio.SafetensorsWriter.write
 

@@ -70,7 +70,7 @@ def main() -> None:
     if args.mode == "save":
         strat = save_strategy(world)
         if rank == args.fail_rank:
-            import distckpt.io as dio
+            import distckpt.execute as dio
 
             real = dio.SafetensorsWriter.write
 
@@ -101,7 +101,7 @@ def main() -> None:
         print(f"RANK {rank} SAVED", flush=True)
     else:
         strat = load_strategy_for(world)
-        stats = distckpt.io.ReadStats()
+        stats = distckpt.execute.ReadStats()
         got = distckpt.load(args.path, strategy=strat, stats=stats)
         want = local(full, strat, rank)
         ok = all(got[k].dtype == v.dtype and np.array_equal(got[k].view(np.uint8), v.view(np.uint8)) for k, v in want.items())

@@ -1,21 +1,30 @@
-"""Executors: write chunk files, read boxes.  The plans come from ``distckpt.plan``."""
+"""The hot path: write a rank's chunks into one data file, read a box of a tensor from its chunks.
+
+Plans come from :mod:`distckpt.plan`; storage is :mod:`distckpt.storage`.
+
+* :func:`write_chunk_file` -- one safetensors data file of chunks, crc32c per
+  block computed beside the writes, fsynced; returns the chunk records;
+* :func:`read_box` -- fill a box of a tensor from the chunks that overlap it,
+  reading only their needed bytes (cost-planned), verifying the checksum
+  blocks the read touches;
+* :class:`ReadStats` -- bytes needed / read / requests, for the ratio reports.
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import crc32c as _crc
 import numpy as np
 
 from . import dtypes
+from .codecs.safetensors import SafetensorsWriter
 from .errors import ChecksumError, DistCkptError, FormatError
-from .formats.safetensors import SafetensorsWriter
 from .index import Chunk, TensorInfo
 from .layout import Box
-from .plan import LOCAL_COST, REMOTE_COST, ChunkLookup, c_strides, plan_box_reads
+from .plan import LOCAL_COST, REMOTE_COST, c_strides, plan_box_reads
 from .storage import Storage
 
 __all__ = ["block_crcs", "write_chunk_file", "read_box", "ReadStats", "PendingChunk"]
@@ -65,8 +74,9 @@ class PendingChunk:
 
     @property
     def key(self) -> str:
-        if not self.box.ndim:
-            return self.name
+        """The chunk's name inside its data file: ``{tensor}@{offset0},{offset1},...`` (``{tensor}@`` for a
+        scalar).  The part after the last ``@`` never holds an ``@``, so keys of different tensors never
+        collide, whatever the tensor names (``x`` at offset 0 and a tensor named ``x@0`` included)."""
         return self.name + "@" + ",".join(str(o) for o in self.box.offsets)
 
 
@@ -101,7 +111,7 @@ def write_chunk_file(
                     f"tensor {p.name!r}: chunk at {list(p.box.offsets)} is {dtypes.name_of(arr.dtype)}{list(arr.shape)}, "
                     f"expected {p.dtype}{list(p.box.sizes)}"
                 )
-            mv = memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")
+            mv = dtypes.byteview(arr)
             bs = chunk_block_size(len(mv), block_size)
             start = w.data_offset(p.key)
             piece = max(bs, (_WRITE_PIECE // bs) * bs)  # whole checksum blocks
@@ -141,7 +151,6 @@ class ReadStats:
     bytes_needed: int = 0
     bytes_read: int = 0
     requests: int = 0
-    by_file: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: ReadStats) -> None:
         self.bytes_needed += other.bytes_needed
@@ -186,17 +195,15 @@ def read_box(
     out: np.ndarray | None = None,
     verify: bool = True,
     stats: ReadStats | None = None,
-    lookup: ChunkLookup | None = None,
 ) -> np.ndarray:
     """Fill ``target`` of ``tensor`` from the chunks that overlap it, reading only their bytes."""
     dtype = dtypes.to_numpy(tensor.dtype)
     item = dtype.itemsize
     if out is None:
         out = np.empty(target.sizes, dtype=dtype)
-    lookup = lookup or ChunkLookup([c.box for c in tensor.chunks])
     cost = LOCAL_COST if storage.is_local else REMOTE_COST
-    hits = lookup.overlapping(target)
-    covered = sum(inter.numel for _, inter in hits)
+    hits = tensor.overlapping(target)
+    covered = sum(inter.numel for _, _, inter in hits)
     if covered != target.numel:
         raise FormatError(
             f"tensor {tensor.name!r}: the chunks cover {covered} of the {target.numel} elements of box "
@@ -205,8 +212,7 @@ def read_box(
     st = stats or ReadStats()
     jobs: list[tuple[str, int, memoryview]] = []
     post: list = []
-    for ci, inter in hits:
-        chunk = tensor.chunks[ci]
+    for ci, chunk, inter in hits:
         plan = plan_box_reads(chunk.box, inter, item, cost)
         dest = out[inter.relative_to(target)] if target.ndim else out
         st.bytes_needed += plan.bytes_needed
@@ -225,7 +231,7 @@ def read_box(
                 and dest.dtype == dtype
             )
             if direct:
-                buf = memoryview(dest.reshape(-1).view(np.uint8)) if dest.size else memoryview(bytearray(0))
+                buf = dtypes.byteview(dest) if dest.size else memoryview(bytearray(0))
             else:
                 buf = memoryview(bytearray(hi - lo))
             jobs.extend(_file_jobs(chunk, lo, buf))
@@ -275,6 +281,3 @@ def _verify_blocks(tensor: TensorInfo, ci: int, chunk: Chunk, lo: int, buf: memo
                 "the file is corrupt; restore it or re-save the checkpoint"
             )
 
-
-def tensor_nbytes(shape: Sequence[int], dtype: str) -> int:
-    return math.prod(shape) * dtypes.itemsize(dtype)
