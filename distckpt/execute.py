@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import crc32c as _crc
 import numpy as np
@@ -95,7 +96,7 @@ def write_chunk_file(
     failure the partial file is removed.
     """
     specs = [(p.key, p.dtype, p.box.sizes) for p in pending]
-    f = storage.open_write(fname)
+    f: Any = storage.open_write(fname)  # a storage Writer; the codecs take any object with write()
     # checksums run on a helper thread one piece behind the writer (crc32c and
     # the writes release the GIL), the last ones beside the final fsync
     pool = ThreadPoolExecutor(1, thread_name_prefix="distckpt-crc") if checksums else None

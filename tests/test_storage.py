@@ -501,6 +501,16 @@ def test_cli_merge_onto_full_disk_exits_1_and_leaves_nothing(tmpfs, ckpt32, caps
     assert _leftovers(tmpfs) == []
 
 
+def test_space_errors_name_the_destination_not_its_temporary_name():
+    from distckpt.storage.base import staged_destination
+
+    assert staged_destination("/o/.m.ckpt.tmp-0123abcd") == "/o/m.ckpt"
+    assert staged_destination("/o/.mdir.tmp-0123abcd/.x.ckpt.tmp-89abcdef") == "/o/mdir"  # outermost wins
+    assert staged_destination("/o/..m.ckpt.tmp-0123abcd.tmp-89abcdef") == "/o/m.ckpt"  # nested names unwrap
+    assert staged_destination("s3://b/.o.tmp-0123abcd/i.json") == "s3://b/o"
+    assert staged_destination("/o/m.ckpt") is None and staged_destination("/o/.m.tmp-xyz") is None
+
+
 def test_short_writes_are_completed_or_reported(tmp_path, monkeypatch):
     """The kernel may take part of a write: the rest is written; taking nothing is a full disk."""
     st = open_storage(tmp_path)

@@ -125,12 +125,20 @@ class Stream:
 
 
 def staged_destination(where: str) -> Optional[str]:
-    """The destination a temporary place stands for: ``d/.m.ckpt.tmp-1a2b3c4d/x`` -> ``d/m.ckpt``."""
+    """The destination a temporary place stands for: ``d/.m.ckpt.tmp-1a2b3c4d/x`` -> ``d/m.ckpt``.
+
+    The outermost temporary component wins, and nested temporary names unwrap
+    (``d/..m.ckpt.tmp-1a2b3c4d.tmp-5e6f7a8b`` -> ``d/m.ckpt``).
+    """
     parts = where.split("/")
-    for i in range(len(parts) - 1, -1, -1):
-        m = TMP_NAME_RE.match(parts[i])
-        if m:
-            return "/".join(parts[:i] + [m.group("base")])
+    for i, part in enumerate(parts):
+        m = TMP_NAME_RE.match(part)
+        if not m:
+            continue
+        while m:
+            part = m.group("base")
+            m = TMP_NAME_RE.match(part)
+        return "/".join(parts[:i] + [part])
     return None
 
 
