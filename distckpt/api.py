@@ -2,26 +2,17 @@
 
 Each verb is a short sequence of steps that live elsewhere:
 
-* ``save``   -- :func:`distckpt.state.split_state` -> :func:`distckpt.plan.plan_writes`
-  -> :func:`distckpt.execute.write_chunk_file` -> :mod:`distckpt.commit`
-  (marker, report, build index, commit), over a :mod:`distckpt.comm` communicator;
+* ``save``   -- :class:`distckpt.saving.SaveJob`: :func:`distckpt.state.split_state` ->
+  :func:`distckpt.plan.plan_writes` -> :func:`distckpt.execute.write_chunk_file` ->
+  :mod:`distckpt.commit` (marker, report, build index, commit), over a :mod:`distckpt.comm` communicator;
 * ``load``   -- :func:`distckpt.sources.open_source` -> :func:`distckpt.plan.check_fit`
   / :func:`~distckpt.plan.plan_load` -> :func:`distckpt.execute.read_box`;
 * ``merge`` / ``split`` / ``reshard`` -- open the source, plan the target layout,
   and stream :class:`~distckpt.writers.OutItem` s into a
   :class:`~distckpt.storage.Staging` area that is moved into place on success.
 
-Who does what during a save under mpirun (one round trip after the writes;
-an exception on any rank, at any step, becomes the same
-:class:`~distckpt.errors.DistributedError` on every rank, never a hang):
-
-1. (all ranks)   prepare locally: state -> arrays, strategy, the boxes this rank
-   writes (closed form, :func:`~distckpt.plan.plan_writes`); an error is kept;
-2. (coordinator) write the save marker, broadcast the save id (or its own error);
-3. (all ranks)   write their data file, if they have anything to write;
-4. (all ranks)   send their report (or error) to the coordinator;
-5. (coordinator) build and commit the index, or name the ranks that failed;
-   broadcast the verdict; every rank returns the save id or raises it.
+The save protocol (who does what, in which order, under mpirun) is
+:mod:`distckpt.saving`.
 """
 
 from __future__ import annotations
@@ -33,11 +24,10 @@ from typing import Any
 
 from . import commit as _commit
 from . import dtypes, naming
-from .comm import Communicator, SingleComm, format_ranks, get_comm
+from .comm import get_comm
 from .errors import (
     ConfigError,
     DistCkptError,
-    DistributedError,
     FormatError,
     NotCommittedError,
     StrategyError,
@@ -47,11 +37,11 @@ from .execute import DEFAULT_BLOCK_SIZE, PendingChunk, ReadStats, read_box, writ
 from .index import TensorInfo
 from .jobconfig import size_option
 from .layout import Box, Strategy, check_tiling, full_box
-from .plan import check_fit, plan_load, plan_save, plan_writes
+from .plan import check_fit, plan_load, plan_save
 from .progress import counted
+from .saving import SaveJob
 from .sources import Source, SourceKind, open_source
-from .state import split_state
-from .storage import Staging, open_storage
+from .storage import Staging
 from .strategy import load_strategy, strategy_bytes, strategy_to_json
 from .writers import OUTPUTS, OutItem, OutputJob, output_writer, write_ckpt_file, write_safetensors_file, write_sharded
 
@@ -84,158 +74,9 @@ def save(
     With ``rank=r`` and no communicator only rank r's pieces and a manifest are
     written; :func:`finalize` commits.
     """
-    rank_mode = rank is not None and comm is None
-    c: Communicator = SingleComm() if rank_mode else get_comm(comm)
-    me: int = rank if rank is not None and rank_mode else c.rank
-    store = open_storage(path, storage_options)
-    prep: dict[str, Any] = {}
-    error: BaseException | None = None
-    try:
-        prep = _prepare_save(state, strategy, storage_options, me, c, rank_mode)
-    except Exception as exc:  # noqa: BLE001 - every failure must reach the other ranks
-        error = exc
-
-    def new_id() -> str:
-        if error is not None:
-            raise error
-        sid = naming.new_save_id()
-        _commit.write_marker(store, sid, rank=me if rank_mode else None)
-        return sid
-
-    save_id = new_id() if rank_mode or c.size == 1 else c.run_on_root("save.id", new_id)
-    fname = naming.data_file(save_id, me)
-    rep: dict[str, Any] = {}
-    if error is None:
-        try:
-            rep = _write_rank(store, fname, prep, me, block_size, checksums)
-        except Exception as exc:  # noqa: BLE001
-            error = exc
-    common = {
-        "save_id": save_id,
-        "world_size": prep.get("world", c.size),
-        "block_size": block_size,
-        "checksum": "crc32c" if checksums else "none",
-        "strategy": strategy_to_json(prep["strategy"]) if prep.get("strategy") is not None else None,
-        "metadata": dict(metadata or {}),
-    }
-    if rank_mode:
-        if error is not None:
-            raise error
-        manifest = {**rep, **common, "values": _commit.values_json(prep["values"]) if me == 0 else {}}
-        from . import jsonutil
-
-        store.put_atomic(naming.manifest_file(me), jsonutil.dumps(manifest).encode())
-        return save_id
-    reports = c.gather({"ok": error is None, "e": _describe(error), "r": rep}, "save.report")
-
-    def decide() -> dict:
-        assert reports is not None
-        failures = {r: x["e"] for r, x in enumerate(reports) if not x["ok"]}
-        if failures:
-            return {"failures": failures}
-        index = _commit.build_index(
-            [x["r"] for x in reports], values=_commit.values_json(prep["values"]),
-            where=store.child_url(naming.INDEX_NAME), **common,
-        )
-        _commit.commit(store, index)
-        return {"failures": {}}
-
-    try:
-        verdict = decide() if c.size == 1 and error is None else c.run_on_root("save.commit", decide)
-    except BaseException:
-        _discard(c, store, fname, save_id)
-        raise
-    failures = {int(k): v for k, v in verdict["failures"].items()}
-    if failures:
-        _discard(c, store, fname, save_id)
-        if c.size == 1 and error is not None:
-            raise error
-        raise DistributedError(
-            f"save to {store.url} failed on rank(s) {format_ranks(failures)}: "
-            + "; ".join(f"rank {r}: {m}" for r, m in sorted(failures.items())),
-            failures,
-        ) from error
-    return save_id
-
-
-def _discard(c: Communicator, store, fname: str, save_id: str) -> None:
-    """A failed save: every rank removes its data file, then the coordinator the save's marker.
-
-    If a rank cannot take part (it died), the marker stays, so ``gc`` can still prove the rest is ours.
-    """
-    store.remove([fname])
-    try:
-        if c.size > 1:
-            c.barrier("save.discard")
-        if c.rank == 0:
-            store.remove([naming.save_marker(save_id)])
-    except DistCkptError:
-        pass
-
-
-def _describe(exc: BaseException | None) -> str | None:
-    if exc is None:
-        return None
-    return str(exc) if isinstance(exc, DistCkptError) else f"{type(exc).__name__}: {exc}"
-
-
-def _prepare_save(state, strategy, storage_options, me: int, c: Communicator, rank_mode: bool) -> dict:
-    """Step 1, local: arrays and values, the strategy, the global shapes, this rank's writes."""
-    strat = load_strategy(strategy, storage_options=storage_options) if strategy is not None else None
-    if rank_mode:
-        world = strat.world_size if strat is not None else int(os.environ.get("RANK_SIZE", "1"))
-    else:
-        world = c.size
-    if strat is not None and strat.world_size != world:
-        raise StrategyError(f"strategy describes {strat.world_size} ranks but this job has {world}: pass the strategy of this job")
-    if not 0 <= me < world:
-        raise StrategyError(f"rank {me} is outside the world of {world} ranks")
-    arrays, values = split_state(state)
-    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for name, arr in arrays.items():
-        dt = dtypes.name_of(arr.dtype)
-        if strat is not None and name in strat:
-            if not strat.holds(name, me):
-                continue
-            shape = strat.global_shape(name, arr.shape)
-            spec = strat.params[name]
-            if spec.shape is not None and tuple(spec.shape) != shape:
-                raise StrategyError(
-                    f"tensor {name!r}: rank {me} holds {list(arr.shape)}, which the strategy makes {list(shape)}, "
-                    f"but its tensor_shape says {list(spec.shape)}"
-                )
-            spec.layout.validate(shape, name)
-        else:
-            shape = tuple(arr.shape)
-        tensors[name] = (dt, shape)
-    if strat is not None:
-        lacking = [n for n in strat.params if strat.holds(n, me) and n not in arrays]
-        if lacking:
-            raise StrategyError(
-                f"rank {me}'s state has no tensor {lacking[0]!r}, which the strategy places on it"
-                + (f" ({len(lacking)} such tensors)" if len(lacking) > 1 else "")
-            )
-    items = plan_writes(tensors, strat, world, me)
-    return {"strategy": strat, "world": world, "arrays": arrays, "values": values, "tensors": tensors, "items": items}
-
-
-def _write_rank(store, fname: str, prep: dict, me: int, block_size: int, checksums: bool) -> dict:
-    """Step 3: write this rank's chunks; return its report."""
-    strat, arrays = prep["strategy"], prep["arrays"]
-    pending = []
-    for it in prep["items"]:
-        arr = arrays[it.name]
-        my_box = it.box if strat is None or it.name not in strat else strat.box(it.name, me, it.shape)
-        piece = arr[it.box.relative_to(my_box)] if it.box.ndim else arr
-        pending.append(PendingChunk.of(it.name, it.box, piece))
-    files: dict[str, int] = {}
-    chunks: dict = {}
-    if pending:
-        store.makedirs()
-        chunks, size = write_chunk_file(store, fname, pending, block_size=block_size, rank=me, checksums=checksums)
-        files[fname] = size
-    written = {it.name: prep["tensors"][it.name] for it in prep["items"]}
-    return _commit.report(me, files, written, chunks)
+    job = SaveJob(state, path, strategy=strategy, rank=rank, comm=comm, storage_options=storage_options,
+                  metadata=metadata, block_size=block_size, checksums=checksums)
+    return job.run()
 
 
 def finalize(path, *, storage_options: dict | None = None, **_ignored) -> dict:

@@ -102,9 +102,8 @@ def hf_logits(model, ids: np.ndarray) -> np.ndarray:
 @contextlib.contextmanager
 def mcore_context() -> Iterator[None]:
     """MindFormers' context with ``use_legacy=False`` (mcore models), GRAPH mode on CPU; restored after."""
-    from mindformers.core.context.build_context import MFContextOperator, build_context
-
     import mindspore as ms
+    from mindformers.core.context.build_context import MFContextOperator, build_context
 
     mode = ms.get_context("mode")
     ms.set_context(mode=ms.GRAPH_MODE)  # an earlier test may have left PyNative on (Morph needs GRAPH)

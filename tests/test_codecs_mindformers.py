@@ -33,9 +33,9 @@ from hypothesis import strategies as st
 from mfckpt import COMMON, make_mf_checkpoint, mf_load_standalone
 
 from distckpt.codecs import mindformers as mf
+from distckpt.codecs.safetensors import read_safetensors_header
 from distckpt.dtypes import to_numpy
 from distckpt.errors import FormatError
-from distckpt.codecs.safetensors import read_safetensors_header
 from distckpt.layout import Box, TensorLayout
 
 MULTI = [("dp2mp2", False), ("dp2mp2", True), ("mp4", False), ("mp4", True)]

@@ -29,6 +29,7 @@ from distckpt.errors import ChecksumError, DistCkptError, NotCommittedError, Sto
 from distckpt.execute import ReadStats  # noqa: E402
 from distckpt.index import INDEX_NAME, Index  # noqa: E402
 from distckpt.layout import ParamSpec, Strategy, TensorLayout  # noqa: E402
+from distckpt.saving import SaveJob  # noqa: E402
 from distckpt.storage import (  # noqa: E402
     MARKER_NAME,
     RetryExhausted,
@@ -200,7 +201,7 @@ def test_failed_commit_keeps_old_and_gc_removes_only_debris(storage_url, monkeyp
     # a failed save takes its data file and its marker with it: nothing is left to clean
     assert set(st.listdir()) == before
     # a save killed before it could clean up leaves its marker and data file: gc proves and removes exactly those
-    monkeypatch.setattr(api, "_discard", lambda *a: None)
+    monkeypatch.setattr(SaveJob, "_discard", lambda *a: None)
     with pytest.raises(DistCkptError, match="index PUT failed"):
         api.save({"a": np.zeros(5, np.float32)}, base)
     monkeypatch.undo()
