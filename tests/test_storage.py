@@ -608,14 +608,14 @@ def test_cli_fifo_index_data_file_or_source_is_refused(tmp_path):
     data.unlink()
     os.mkfifo(data)
     res = _run_cli("merge", ck, tmp_path / "m.ckpt")
-    assert res.returncode == 1 and f"{data}: is a FIFO" in res.stderr, res
+    assert res.returncode == 1 and f"{data}: " in res.stderr and "not a regular file" in res.stderr, res
     (ck / INDEX_NAME).unlink()
     os.mkfifo(ck / INDEX_NAME)
     res = _run_cli("inspect", ck)
-    assert res.returncode == 1 and f"{ck / INDEX_NAME}: is a FIFO" in res.stderr, res
+    assert res.returncode == 1 and f"{ck / INDEX_NAME}: is a FIFO (named pipe), not a regular file" in res.stderr, res
     os.mkfifo(tmp_path / "x.ckpt")
     res = _run_cli("merge", tmp_path / "x.ckpt", tmp_path / "y.safetensors")
-    assert res.returncode == 1 and "x.ckpt: is a FIFO" in res.stderr, res
+    assert res.returncode == 1 and "x.ckpt: is a FIFO (named pipe), not a regular file" in res.stderr, res
     assert not (tmp_path / "m.ckpt").exists() and not (tmp_path / "y.safetensors").exists()
 
 
