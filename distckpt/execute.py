@@ -120,7 +120,7 @@ def write_chunk_file(
     if storage.is_local:
         return _write_local(storage, fname, pending, block_size=block_size, rank=rank, checksums=checksums)
     specs = [(p.key, p.dtype, p.box.sizes) for p in pending]
-    f = storage.open_write(fname)
+    f: Any = storage.open_write(fname)  # a storage Writer; the codecs take any object with write()
     # checksums run on a helper thread one piece behind the writer (crc32c and
     # the writes release the GIL), the last ones beside the final fsync
     pool = ThreadPoolExecutor(1, thread_name_prefix="distckpt-crc") if checksums else None
