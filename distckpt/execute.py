@@ -31,7 +31,6 @@ import bisect
 import errno
 import mmap
 import os
-import stat
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -49,6 +48,7 @@ from .index import Chunk, TensorInfo
 from .layout import Box
 from .plan import LOCAL_COST, REMOTE_COST, c_strides, plan_box_reads
 from .storage import Storage
+from .storage.local import open_regular
 
 __all__ = ["block_crcs", "write_chunk_file", "read_box", "ReadStats", "PendingChunk"]
 
@@ -439,15 +439,15 @@ def _mapping(storage: Storage, fname: str, need: int) -> mmap.mmap:
     if check is not None:
         check(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = open_regular(path)
     except FileNotFoundError:
         raise StorageError(f"{path}: data file not found") from None
+    except IsADirectoryError:
+        raise StorageError(f"{path}: is a directory, not a data file") from None
     except OSError as exc:
         raise StorageError(f"{path}: cannot open: {exc.strerror or exc}") from None
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise StorageError(f"{path}: not a regular file; refusing to read it")
         if info.st_size < need:  # mapping past the end would crash (SIGBUS) on the first touch
             raise FormatError(f"{path}: file ends at byte {info.st_size}, before byte {need} (truncated?)")
         mm = mmap.mmap(fd, info.st_size, access=mmap.ACCESS_READ)
@@ -466,7 +466,7 @@ def _private_chunk(storage: Storage, chunk: Chunk, dtype: np.dtype) -> np.ndarra
         return np.empty(chunk.box.sizes, dtype=dtype)
     _mapping(storage, chunk.file, start + length)  # the checks (regular file, inside the root, long enough)
     lo = start - start % mmap.ALLOCATIONGRANULARITY
-    fd = os.open(storage.path(chunk.file), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = open_regular(storage.path(chunk.file))
     try:
         mm = mmap.mmap(fd, start + length - lo, offset=lo, access=mmap.ACCESS_COPY)
     finally:
