@@ -355,3 +355,26 @@ def test_api_load_by_name_and_values(built):
     base = built("dp2mp2", True)
     got = api.load(str(base.root), names=["model.bf16.grid"])
     assert list(got) == ["model.bf16.grid"] and _same(got["model.bf16.grid"], base.full["model.bf16.grid"])
+
+
+def test_described_tensors_no_file_holds_are_skipped_as_mindformers_skips_them(built, tmp_path, capsys):
+    """A compiled graph may report parameters (``accu_grads.*``) that no file holds; MindFormers never reads them."""
+    base = built("dp2mp2", False)
+    root = tmp_path / "root"
+    shutil.copytree(base.root, root)
+    d = root / mf.iteration_dir(ITERATION)
+    doc = json.loads((d / mf.METADATA).read_text())
+    doc["state_dict_metadata"]["accu_grads.model.f32.col"] = doc["state_dict_metadata"]["model.f32.col"]
+    for k in (0, 1):
+        doc["storage_data"][mf.shard_id("accu_grads.model.f32.col", k)] = doc["storage_data"][mf.shard_id("model.f32.col", k)]
+    os.chmod(d / mf.METADATA, 0o600)
+    (d / mf.METADATA).write_text(json.dumps(doc))
+    oracle = mf_load_standalone(root, base.specs)  # MindFormers loads it
+    src = open_source(str(root))
+    assert src.info["missing"] == ["accu_grads.model.f32.col"] and "accu_grads.model.f32.col" not in src.tensors
+    got = distckpt.load(str(root))
+    assert sorted(got) == sorted(oracle) and all(_same(got[n], oracle[n]) for n in got)
+    code, _, err = _cli(capsys, "merge", root, tmp_path / "m.safetensors", "-q")
+    assert code == 0 and "warning:" in err and "accu_grads.model.f32.col" in err
+    code, _, err = _cli(capsys, "merge", root, tmp_path / "s.safetensors", "--strict")
+    assert code == 1 and "accu_grads.model.f32.col" in err and not (tmp_path / "s.safetensors").exists()

@@ -181,18 +181,28 @@ def _chunk_of(store: Store, t: mf.MFTensor, c: mf.MFChunk, s: mf.MFStorage, head
     return Chunk(c.box, s.file_name, tuple(e.segments), rank=s.storage_rank)
 
 
-def _from_metadata(store: Store, names: set[str]) -> tuple[dict[str, TensorInfo], mf.MFMetadata, dict]:
+def _from_metadata(store: Store, names: set[str]) -> tuple[dict[str, TensorInfo], mf.MFMetadata, dict, list[str]]:
+    """Tensors of ``metadata.json``, and the names it describes that none of its files holds.
+
+    MindFormers' own metadata may describe parameters no file holds (e.g. ``accu_grads.*`` a
+    compiled graph reports); its loader never looks them up, so they are skipped here too (the
+    verbs warn about them).  A tensor that some of its files hold and others lack is refused.
+    """
     where = store.child_url(mf.METADATA)
     md = mf.parse_metadata(store.read_bytes(mf.METADATA, limit=MAX_INDEX_BYTES), where=where)
     headers = _headers(store, list(md.files), names, where)
     tensors: dict[str, TensorInfo] = {}
+    absent: list[str] = []
     for t in md.tensors:
+        if not any(t.name in headers[s.file_name][0] for c in t.chunks for s in c.storage):
+            absent.append(t.name)
+            continue
         chunks = []
         for c in t.chunks:
             got = [_chunk_of(store, t, c, s, headers, where) for s in c.storage]  # every copy is checked
             chunks.append(got[0])
         tensors[t.name] = TensorInfo(t.name, t.dtype, t.shape, tuple(chunks))
-    return tensors, md, headers
+    return tensors, md, headers, absent
 
 
 def _standalone(store: Store, names: set[str]) -> tuple[dict[str, TensorInfo], dict]:
@@ -221,10 +231,10 @@ def _values(headers: Mapping[str, tuple[dict, dict]], store: Store) -> dict[str,
     return out
 
 
-def _strategy(md: mf.MFMetadata) -> Strategy | None:
+def _strategy(described: list[mf.MFTensor]) -> Strategy | None:
     """The layouts a TensorLayout can say, over the most common stage size (others stay without a layout)."""
     specs: dict[int, dict[str, ParamSpec]] = collections.defaultdict(dict)
-    for t in md.tensors:
+    for t in described:
         lay = t.layout
         if lay is None:
             continue
@@ -252,14 +262,15 @@ def open_iteration(store: Store, *, iteration: int | None, url: str) -> Source:
     store.confined = True  # data files are named by metadata.json: never follow a symlink out
     names = set(store.listdir())
     md = None
+    absent: list[str] = []
     if mf.METADATA in names:
-        tensors, md, headers = _from_metadata(store, names)
+        tensors, md, headers, absent = _from_metadata(store, names)
     else:
         tensors, headers = _standalone(store, names)
     common = None
     if mf.COMMON in names:
         common = mf.parse_common(store.read_bytes(mf.COMMON, limit=_COMMON_LIMIT), where=store.child_url(mf.COMMON))
-    strategy = _strategy(md) if md is not None else None
+    strategy = _strategy([t for t in md.tensors if t.name in tensors]) if md is not None else None
     ranks = [r for t in (md.tensors if md else ()) for r in t.mf_layout.rank_list]
     world = max(strategy.world_size if strategy else 1, max(ranks) + 1 if ranks else 1)
     files = {f: store.size(f) for f in sorted(headers)}
@@ -270,6 +281,7 @@ def open_iteration(store: Store, *, iteration: int | None, url: str) -> Source:
             "files": sorted(files),
         },
         "kinds": _kinds(tensors),
+        "missing": absent,
     }
     index = Index(tensors=tensors, values=_values(headers, store), files=files, checksum="none", world_size=world)
     return Source(store, index, SourceKind.MINDFORMERS, strategy, [], world_size=world, path=url, info=info)
