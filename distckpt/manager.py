@@ -34,6 +34,8 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
+
 from .asyncsave import AsyncWriter
 from .errors import ConfigError, DistCkptError, NotCommittedError
 from .index import INDEX_NAME, MAX_INDEX_BYTES, Index

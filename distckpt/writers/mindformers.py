@@ -303,7 +303,7 @@ def _prepare(state: Any, strategy, storage_options, c: Communicator, plain: bool
                   storage_options=storage_options)  # step 1 of the save protocol: local preparation only
     if job.error is not None:
         raise job.error
-    prep = {"strategy": job.strategy, "world": job.world, "arrays": job.arrays, "values": job.values,
+    prep: dict[str, Any] = {"strategy": job.strategy, "world": job.world, "arrays": job.arrays, "values": job.values,
             "tensors": job.tensors, "items": job.items, "strings": strings}
     if plain:
         strat = prep["strategy"]
