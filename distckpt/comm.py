@@ -80,21 +80,38 @@ duplicate, which a per-communicator watchdog thread (a ``threading.Condition``
 with a timeout, re-armed without waking it as deadlines only move forward)
 satisfies with a self-send when the deadline passes, and a *notice* receive
 (ANY_SOURCE) through which peers report "I am leaving" (BYE), root reports a
-verdict (FAIL) or asks "where are you?" (CENSUS).  No fixed sleep: a wait ends
-within microseconds of the event that ends it.  This needs
-``MPI_THREAD_MULTIPLE`` (mpi4py's default); otherwise, or with
-``DISTCKPT_COMM_WAIT=poll``, requests are polled with a short backoff.
-``DISTCKPT_COMM_WAIT=hybrid`` blocks for the first 20 ms, then polls.
+verdict (FAIL) or asks "where are you?" (CENSUS).  A wait ends within
+microseconds of the event that ends it.  This needs ``MPI_THREAD_MULTIPLE``
+(mpi4py's default).
 
-Why blocking is the default, measured on a 2-core host with
-``mpirun -n 4 --oversubscribe`` (numbers in the module's bench,
-``tests/mpi_scripts/comm_bench.py``; see the lead's report): one ``run`` round
-and one ``gather`` + ``broadcast`` are 6-10x faster than the old
-arrival-handshake-plus-sleep-polling design, and a 100-round loop likewise.
-Open MPI's blocking wait spins (yielding the CPU when oversubscribed), so a
-rank waiting while 3 others compute on 2 cores takes some CPU from them; the
-measured slowdown of the workers was small next to what the faster rounds
-save (see the bench), and on a real cluster (a core per rank) it is nil.
+``DISTCKPT_COMM_WAIT`` picks how an MPI rank waits: ``block`` (as above), ``hybrid``
+(block for the first 10 ms, then test the requests, sleeping 2 % of the time
+waited so far between tests, 50 µs to 2 ms), ``poll`` (that from the start; also
+the fallback without ``MPI_THREAD_MULTIPLE``), or ``auto`` (the default):
+``hybrid`` when the launcher puts more ranks on the node than it has CPUs,
+else ``block``.  Why: Open MPI's blocking wait spins (yielding when
+oversubscribed), which costs nothing when every rank has a core, but on an
+oversubscribed host a rank waiting for others' I/O takes CPU from them.
+Measured with ``tests/mpi_scripts/comm_bench.py`` (``mpirun -n 4
+--oversubscribe`` on 2 cores shared with other jobs, load average 9-17, so
+medians of interleaved runs; old = the previous arrival-handshake design,
+which polled with sleeps of up to 5 ms):
+
+=============================  ============  ============  ============  ============
+median of runs                 block         hybrid        poll          old
+=============================  ============  ============  ============  ============
+one ``run`` round              0.3-1.1 ms    0.3-2.9 ms    1.3-4.2 ms    1.8-10 ms
+gather + broadcast             3.6-12 ms     1.4-9.3 ms    2.4-12 ms     12-25 ms
+100 ``run`` rounds             0.13-0.31 s   0.03-0.30 s   0.12-0.35 s   0.26-0.72 s
+workers' time while rank 0     +7 to +19 %   -10 to +10 %  -7 to +16 %   -10 to 0 %
+waits (vs rank 0 asleep)
+rank 0 back after last arrival 0.5-5.8 ms    3-7 ms        3-7 ms        8-11 ms
+=============================  ============  ============  ============  ============
+
+Blocking and hybrid rounds are several times faster than the old design's;
+only blocking takes a measurable share of the workers' CPU on an
+oversubscribed host, which ``hybrid`` avoids at the price of a few
+milliseconds after a long wait (at most 2 % of it, plus the scheduler's delay).
 
 Deadlines and the same error everywhere
 ---------------------------------------
@@ -486,7 +503,7 @@ class Communicator(abc.ABC):
 
     def _mismatch(self, op: _Op) -> DistributedError:
         """Every rank saw that not all ranks are in the same collective: name who is where, same text everywhere."""
-        me = json.dumps(op.head()).encode("utf-8")[:_SMALL]
+        me = json.dumps(op.head()).encode("utf-8")  # at most ~1.3 KB: names are cut to 200 characters
         heads = self._gather(me, op, 0, _SMALL)
         payload = None
         if heads is not None:
@@ -1099,7 +1116,8 @@ class MPIComm(Communicator):
             self._broken = message
             if bye and self.rank != 0:
                 self._send_bye(_BYE_BROKEN)
-            _trace_exit_status()
+            if self.size > 1:
+                _trace_exit_status()
         log.debug("rank %d: %s", self.rank, message)
         return DistributedError(message, failures)
 

@@ -8,6 +8,11 @@ naming the primitive that misbehaves; use them to qualify a new fsspec backend::
     from distckpt.testing import check_storage_contract, check_roundtrip
     check_storage_contract("myfs://bucket/tmp/contract")
     check_roundtrip("myfs://bucket/tmp/roundtrip")
+
+:class:`ThreadComm` and :func:`run_ranks` run a multi-rank job as threads of one
+process, with every primitive of :class:`~distckpt.comm.MPIComm`::
+
+    results = run_ranks(4, lambda rank, comm: save(state[rank], url, comm=comm))
 """
 
 from __future__ import annotations

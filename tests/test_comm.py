@@ -528,8 +528,9 @@ def test_collective_mismatch_is_reported_everywhere():
 
 
 @needs_mpi
-def test_new_primitives_across_4_ranks():
-    proc, ranks, _ = mpirun("primitives")
+@pytest.mark.parametrize("wait", ["auto", "block", "poll"])
+def test_new_primitives_across_4_ranks(wait):
+    proc, ranks, _ = mpirun("primitives", DISTCKPT_COMM_WAIT=wait)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(ranks) == [0, 1, 2, 3]
     big = bytes(range(256)) * 40

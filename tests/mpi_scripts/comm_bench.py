@@ -61,7 +61,7 @@ def summary(times: list[float]) -> dict:
 
 def interleaved(comms: dict, make_step, blocks: int = 8, n: int = 50) -> dict:
     got: dict[str, list[float]] = {k: [] for k in comms}
-    for k, c in comms.items():
+    for c in comms.values():
         timed(20, make_step(c))  # warm up (and make the private communicators)
     for _ in range(blocks):
         for k, c in comms.items():
