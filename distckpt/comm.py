@@ -145,18 +145,24 @@ the outermost frame sees ``raise SystemExit(n)`` too) and registers an
 ``atexit`` hook.  Python runs ``atexit`` hooks before mpi4py's own finalize
 (a C-level ``Py_AtExit`` hook, the very last thing).  The hook:
 
-1. sends BYE if this process exits abnormally (non-zero status, or after a
-   failure) so waiting peers fail at once;
-2. takes part in an *exit vote*: a MAX-reduction of "I exit abnormally" on a
-   communicator of its own, waited for at most 2 s;
-3. if nobody exits abnormally (or the vote did not complete and this process is
-   healthy) it returns and mpi4py finalizes as usual;
-4. otherwise it runs the other ``atexit`` hooks, flushes stdio and calls
-   ``os._exit(status)``: no ``MPI_Finalize``, so no fence to hang in.  Because
-   every live rank learned the outcome from the same vote, they all leave within
-   milliseconds, each with its own status, before mpirun (which kills the rest of
-   a job about 0.25 s after the first abnormal exit) notices; a rank that is
-   stuck for good is killed by mpirun.
+1. sends BYE if this process exits with a non-zero status or after a failure,
+   so peers still waiting for it fail at once instead of at the deadline;
+2. takes part in an *exit vote*, a MAX-reduction of "I exit with a non-zero
+   status" on a communicator of its own, waited for at most 2 s;
+3. vote complete and 0 (every rank is at exit, all with status 0): MPI_Finalize
+   cannot hang, so mpi4py finalizes as usual (after a failure the hook runs it
+   itself, on a helper thread, for at most 5 s);
+4. vote complete and 1, or incomplete while this rank failed or exits non-zero:
+   it runs the other ``atexit`` hooks, flushes every open Python file object and
+   calls ``os._exit(status)``: no ``MPI_Finalize``, so no fence to hang in (nor
+   the rest of the interpreter's teardown: ``__del__`` methods and ``weakref``
+   finalizers of live objects do not run on this path).  Every live rank learned
+   the outcome from the same vote, so they all leave within milliseconds, each
+   with its own status, before mpirun (which kills the rest of a job about
+   0.25 s after the first abnormal exit) notices; a rank stuck for good is
+   killed by mpirun;
+5. vote incomplete and this rank healthy with status 0: mpi4py finalizes as MPI
+   prescribes (waiting for the others).
 
 The ``sys.excepthook`` abort stays: an uncaught exception on any rank prints
 the traceback and calls ``MPI_Abort``, so mpirun ends the whole job at once
@@ -1518,18 +1524,27 @@ def _finalize_within(seconds: float) -> bool:
     return not worker.is_alive()
 
 
+def _flush_files() -> None:
+    """Flush every open Python file object (os._exit skips the interpreter's own teardown)."""
+    import gc
+    import io
+
+    for obj in [sys.stdout, sys.stderr, *gc.get_objects()]:
+        try:
+            if isinstance(obj, io.IOBase) and not obj.closed and obj.writable():
+                obj.flush()
+        except Exception:  # noqa: BLE001 - a broken pipe, a detached buffer: nothing to save
+            pass
+
+
 def _leave(code: int) -> None:
-    """Run the other atexit hooks, flush, and end the process without MPI_Finalize."""
+    """Run the other atexit hooks, flush every open file, and end the process without MPI_Finalize."""
     atexit.unregister(_at_exit)
     try:
         atexit._run_exitfuncs()
     except Exception:  # noqa: BLE001
         pass
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # noqa: BLE001
-            pass
+    _flush_files()
     os._exit(code & 0xFF)
 
 
