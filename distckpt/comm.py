@@ -93,25 +93,27 @@ else ``block``.  Why: Open MPI's blocking wait spins (yielding when
 oversubscribed), which costs nothing when every rank has a core, but on an
 oversubscribed host a rank waiting for others' I/O takes CPU from them.
 Measured with ``tests/mpi_scripts/comm_bench.py`` (``mpirun -n 4
---oversubscribe`` on 2 cores shared with other jobs, load average 9-17, so
-medians of interleaved runs; old = the previous arrival-handshake design,
-which polled with sleeps of up to 5 ms):
+--oversubscribe`` on 2 cores shared with other jobs, load average 9-18, every
+implementation interleaved in the same job; medians over 6 jobs, 4 for the last
+two rows; old = the previous arrival-handshake design, polling with sleeps of
+up to 5 ms):
 
-=============================  ============  ============  ============  ============
-median of runs                 block         hybrid        poll          old
-=============================  ============  ============  ============  ============
-one ``run`` round              0.3-1.1 ms    0.3-2.9 ms    1.3-4.2 ms    1.8-10 ms
-gather + broadcast             3.6-12 ms     1.4-9.3 ms    2.4-12 ms     12-25 ms
-100 ``run`` rounds             0.13-0.31 s   0.03-0.30 s   0.12-0.35 s   0.26-0.72 s
-workers' time while rank 0     +7 to +19 %   -10 to +10 %  -7 to +16 %   -10 to 0 %
-waits (vs rank 0 asleep)
-rank 0 back after last arrival 0.5-5.8 ms    3-7 ms        3-7 ms        8-11 ms
-=============================  ============  ============  ============  ============
+=======================================  =======  =======  =======  =======
+                                         block    hybrid   poll     old
+=======================================  =======  =======  =======  =======
+one ``run`` round                        0.56 ms  0.59 ms  1.2 ms   3.0 ms
+one gather + one small broadcast         6.8 ms   5.5 ms   3.2 ms   13.6 ms
+100 ``run`` rounds                       0.25 s   0.12 s   0.14 s   0.47 s
+workers' time while rank 0 waits, vs     +17 %    +5 %     -1 %     -2 %
+while it sleeps (3 ranks, ~1 s of work)
+rank 0 back after the last worker        3.1 ms   6.9 ms   6.5 ms   9.2 ms
+=======================================  =======  =======  =======  =======
 
-Blocking and hybrid rounds are several times faster than the old design's;
-only blocking takes a measurable share of the workers' CPU on an
-oversubscribed host, which ``hybrid`` avoids at the price of a few
-milliseconds after a long wait (at most 2 % of it, plus the scheduler's delay).
+Rounds are 2-5x faster than the old design's in every mode.  Blocking is the
+fastest to react but, on an oversubscribed host, takes a sixth of the CPU of
+the ranks it waits for; ``hybrid`` keeps the blocking speed for the short waits
+of ranks in step and gives the CPU back during long ones, so it is the best
+overall there, and ``block`` wherever each rank has a core.
 
 Deadlines and the same error everywhere
 ---------------------------------------
