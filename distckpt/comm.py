@@ -183,6 +183,7 @@ import abc
 import array
 import atexit
 import builtins
+import contextlib
 import hashlib
 import importlib
 import json
@@ -193,7 +194,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -425,6 +426,7 @@ class Communicator(abc.ABC):
     def __init__(self) -> None:
         self._seq = 0
         self._broken: str | None = None
+        self._open: _Op | None = None
         self._lock = threading.RLock()
         #: ``collectives`` called and ``bytes_sent`` handed to the transport by this rank.
         self.stats = {"collectives": 0, "bytes_sent": 0}
@@ -483,6 +485,29 @@ class Communicator(abc.ABC):
         log.debug("rank %d: %s %r (#%d)", self.rank, kind, name, op.seq)
         self._precheck(op)
         return op
+
+    @contextlib.contextmanager
+    def _collective(self, kind: str, name: str, root: int, timeout: float | None) -> Iterator[_Op]:
+        """One collective call: serialised, and marked open until it completes or fails on every rank.
+
+        A rank that leaves while a collective is open (``SystemExit`` from inside
+        it) has not completed it, which :meth:`_done` tells the others.
+        """
+        with self._lock:
+            op = self._begin(kind, name, root, timeout)
+            self._open = op
+            try:
+                yield op
+            except DistributedError:
+                self._open = None
+                raise
+            self._open = None
+
+    def _done(self) -> int:
+        """How many collectives this rank completed (the others may need every later one from it)."""
+        if self._open is not None:
+            return self._open.seq
+        return self._seq - 1 if self._broken is not None else self._seq
 
     def _agreement(self, op: _Op, failed: bool, size: int, inline: bytes = b"") -> _Agreed:
         """The header round: check that every rank is in ``op``, OR the failure flags, MAX the sizes."""
@@ -547,8 +572,8 @@ class Communicator(abc.ABC):
     # -- collectives ------------------------------------------------------------------
     def barrier(self, name: str, *, timeout: float | None = None) -> None:
         """Return once every rank has called ``barrier(name)``."""
-        with self._lock:
-            self._agreement(self._begin("barrier", name, 0, timeout), False, 0)
+        with self._collective("barrier", name, 0, timeout) as op:
+            self._agreement(op, False, 0)
 
     def agree(self, name: str, error: BaseException | str | None = None, *, timeout: float | None = None) -> None:
         """Raise the same :class:`DistributedError` on every rank if any rank passed an ``error``; else return.
@@ -558,8 +583,7 @@ class Communicator(abc.ABC):
         its own exception.
         """
         message = None if error is None else _describe(error)
-        with self._lock:
-            op = self._begin("agree", name, 0, timeout)
+        with self._collective("agree", name, 0, timeout) as op:
             if self._agreement(op, message is not None, 0).failed:
                 failures = self._collect_failures(op, message)
                 raise DistributedError(_failure_message(name, failures), failures) from (
@@ -572,8 +596,7 @@ class Communicator(abc.ABC):
         Does not raise for the failures themselves.
         """
         message = None if error is None else _describe(error)
-        with self._lock:
-            op = self._begin("gather_errors", name, 0, timeout)
+        with self._collective("gather_errors", name, 0, timeout) as op:
             if not self._agreement(op, message is not None, 0).failed:
                 return {}
             return self._collect_failures(op, message)
@@ -581,8 +604,7 @@ class Communicator(abc.ABC):
     def allgather(self, obj: Any, name: str, *, timeout: float | None = None) -> list:
         """Every rank's ``obj``, as a list indexed by rank (on every rank; O(total) bytes per rank)."""
         data, error = _encode(obj)
-        with self._lock:
-            op = self._begin("allgather", name, 0, timeout)
+        with self._collective("allgather", name, 0, timeout) as op:
             ag = self._agreement(op, error is not None, len(data))
             if ag.failed:
                 self._raise_failed(op, error, f"allgather {name!r} (value is not JSON-serializable)")
@@ -593,8 +615,7 @@ class Communicator(abc.ABC):
         """Every rank's JSON ``obj`` on ``root`` as a list indexed by rank; ``None`` on the other ranks."""
         self._check_root(root, name)
         data, error = _encode(obj)
-        with self._lock:
-            op = self._begin("gather", name, root, timeout)
+        with self._collective("gather", name, root, timeout) as op:
             ag = self._agreement(op, error is not None, len(data))
             if ag.failed:
                 self._raise_failed(op, error, f"gather {name!r} (value is not JSON-serializable)")
@@ -610,8 +631,7 @@ class Communicator(abc.ABC):
             view = _byte_view(data, writable=False, what="gather_bytes data")
         except (TypeError, ValueError) as exc:
             error = _describe(exc)
-        with self._lock:
-            op = self._begin("gather_bytes", name, root, timeout)
+        with self._collective("gather_bytes", name, root, timeout) as op:
             ag = self._agreement(op, error is not None, len(view))
             if ag.failed:
                 self._raise_failed(op, error, f"gather_bytes {name!r}")
@@ -621,8 +641,7 @@ class Communicator(abc.ABC):
         """Root's ``obj`` on every rank (``obj`` is ignored on the other ranks)."""
         self._check_root(root, name)
         data, error = _encode(obj) if self.rank == root else (b"", None)
-        with self._lock:
-            op = self._begin("broadcast", name, root, timeout)
+        with self._collective("broadcast", name, root, timeout) as op:
             raw = self._bcast_value(op, root, data, error, f"broadcast {name!r} (value is not JSON-serializable)")
             return json.loads(raw)
 
@@ -651,8 +670,7 @@ class Communicator(abc.ABC):
             local_exc, message, data = exc, _describe(exc), b""
             log.debug("rank %d: %s raised %s", self.rank, name, message)
         kind = {False: "run", True: "run.allgather", "root": "run.gather"}[gather]  # type: ignore[index]
-        with self._lock:
-            op = self._begin(kind, name, 0, timeout)
+        with self._collective(kind, name, 0, timeout) as op:
             ag = self._agreement(op, message is not None, len(data))
             if ag.failed:
                 failures = self._collect_failures(op, message)
@@ -679,8 +697,7 @@ class Communicator(abc.ABC):
                 data = json.dumps(fn(*args, **kwargs), separators=(",", ":")).encode("utf-8")
             except Exception as exc:  # noqa: BLE001
                 local_exc, error = exc, _describe(exc)
-        with self._lock:
-            op = self._begin("run_on_root", name, root, timeout)
+        with self._collective("run_on_root", name, root, timeout) as op:
             try:
                 raw = self._bcast_value(op, root, data, error, name)
             except DistributedError as exc:
@@ -723,8 +740,7 @@ class Communicator(abc.ABC):
             plan = _Transfers.of(sends, recvs, self.size)
         except (TypeError, ValueError) as exc:
             error = _describe(exc)
-        with self._lock:
-            op = self._begin("exchange", name, 0, timeout)
+        with self._collective("exchange", name, 0, timeout) as op:
             if self._agreement(op, error is not None, 0).failed:
                 self._raise_failed(op, error, f"exchange {name!r}")
             self.stats["bytes_sent"] += plan.nbytes
@@ -1094,8 +1110,7 @@ class MPIComm(Communicator):
         """Tell root (or, from root, everyone) that this rank takes part in no further collective."""
         if self._comm is None or self.size == 1:
             return
-        done = self._seq - 1 if self._broken is not None else self._seq
-        words = struct.pack("<4q", _BYE, 0, done, status)
+        words = struct.pack("<4q", _BYE, 0, self._done(), status)
         for dest in range(1, self.size) if self.rank == 0 else (0,):
             try:
                 self._isend(words, dest, _TAG_NOTICE)

@@ -203,8 +203,7 @@ class ThreadComm(Communicator):
     def _leave(self, why: str) -> None:
         """This rank takes part in no further collective (its thread ended with an error)."""
         with self._hub.cond:
-            done = self._seq - 1 if self._broken is not None else self._seq
-            self._hub.gone[self.rank] = (done, why)
+            self._hub.gone[self.rank] = (self._done(), why)
             self._hub.cond.notify_all()
 
     def _check(self, op, present=None) -> None:
