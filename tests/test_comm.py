@@ -335,6 +335,20 @@ def test_thread_comm_rank_that_dies_fails_the_others_at_once():
     assert took < 60  # a hang detector, not a timing measurement
 
 
+def test_thread_comm_rank_that_leaves_inside_an_exchange_fails_the_others():
+    def body(r, c):
+        if r == 1:
+            c._t_exchange = lambda *a, **k: sys.exit(7)
+        c.exchange([((r + 1) % 4, b"x" * 10)], [((r - 1) % 4, bytearray(10))], "load.share")
+
+    got, took = outcomes(4, body, timeout=120)
+    assert isinstance(got[1], SystemExit)
+    for r in (0, 2, 3):
+        assert isinstance(got[r], DistributedError), got[r]
+        assert "rank 1 raised SystemExit: 7" in str(got[r]) and list(got[r].failures) == [1]
+    assert took < 60
+
+
 def test_thread_comm_mismatch_is_reported_everywhere():
     def body(r, c):
         try:
@@ -573,6 +587,18 @@ def test_failure_in_the_first_phase_reaches_every_rank_at_default_settings():
         assert list(failures) == ["1"]
         assert waited < 10
     assert elapsed < LIMIT - 30
+
+
+@needs_mpi
+def test_a_rank_leaving_inside_an_exchange_fails_the_others_at_once():
+    proc, ranks, elapsed = mpirun("exchange_death")  # default deadline: only the departure can end this quickly
+    assert sorted(ranks) == [0, 2, 3], proc.stdout + proc.stderr[-3000:]
+    for got in ranks.values():
+        message, failures, waited = got["ERROR"]
+        assert message == "collective 'load.share' (#1) cannot complete: rank(s) 1 did not arrive (rank 1 exited with status 7)"
+        assert list(failures) == ["1"]
+        assert waited < 10
+    assert proc.returncode != 0 and elapsed < LIMIT - 30
 
 
 def run_exits(mode: str, out: Path) -> tuple[subprocess.CompletedProcess, dict, dict]:

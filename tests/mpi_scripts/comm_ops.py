@@ -122,6 +122,22 @@ def early_fail():
         out(comm, "ERROR", [str(exc), {str(k): v for k, v in exc.failures.items()}, time.monotonic() - t0])
 
 
+def exchange_death():
+    """Rank 1 leaves (sys.exit(7)) in the middle of an exchange, at default settings; the others must not wait."""
+    comm = get_comm()
+    comm.barrier("warmup")
+    if comm.rank == 1:
+        comm._t_exchange = lambda *a, **k: sys.exit(7)
+    t0 = time.monotonic()
+    r = comm.rank
+    try:
+        comm.exchange([((r + 1) % 4, b"x" * 100)], [((r - 1) % 4, bytearray(100))], "load.share")
+        out(comm, "NOERROR", True)
+    except DistributedError as exc:
+        out(comm, "ERROR", [str(exc), {str(k): v for k, v in exc.failures.items()}, time.monotonic() - t0])
+        sys.exit(3)
+
+
 def run_fail():
     comm = get_comm()
 
@@ -182,5 +198,6 @@ def mismatch():
 
 if __name__ == "__main__":
     modes = {"collectives": collectives, "run_fail": run_fail, "timeout": timeout, "uncaught": uncaught,
-             "mismatch": mismatch, "primitives": primitives, "agree_fail": agree_fail, "early_fail": early_fail}
+             "mismatch": mismatch, "primitives": primitives, "agree_fail": agree_fail, "early_fail": early_fail,
+             "exchange_death": exchange_death}
     modes[sys.argv[1]]()
