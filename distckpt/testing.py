@@ -273,8 +273,11 @@ class ThreadComm(Communicator):
             if op.seq in hub.verdicts:
                 raise self._break(*hub.verdicts[op.seq])
             if peer in hub.gone and hub.gone[peer][0] <= op.seq:
-                raise self._break(f"exchange {op.name!r} (#{op.seq}): rank {peer} {hub.gone[peer][1]} while rank "
-                                  f"{self.rank} was waiting {what}", {peer: hub.gone[peer][1]})
+                why = hub.gone[peer][1]
+                message = f"collective {op.name!r} (#{op.seq}) cannot complete: rank(s) {peer} did not arrive (rank {peer} {why})"
+                verdict = hub.verdicts.setdefault(op.seq, (message, {peer: why}))
+                hub.cond.notify_all()
+                raise self._break(*verdict)
             left = None if op.deadline is None else op.deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise self._break(f"exchange {op.name!r} (#{op.seq}) timed out after {op.budget} on rank "
