@@ -142,8 +142,8 @@ abnormally, which a process stuck in the fence never does.
 
 So the first ``MPIComm`` with more than one rank records the process's exit
 status (``sys.exit``/``exit``/``quit`` are wrapped to record their argument,
-uncaught exceptions record 1, and once the communicator breaks a trace hook on
-the outermost frame sees ``raise SystemExit(n)`` too) and registers an
+uncaught exceptions record 1, and for 2 minutes after the communicator breaks a
+trace hook on the outermost frame sees ``raise SystemExit(n)`` too) and registers an
 ``atexit`` hook.  Python runs ``atexit`` hooks before mpi4py's own finalize
 (a C-level ``Py_AtExit`` hook, the very last thing).  The hook:
 
@@ -840,6 +840,8 @@ _POLL_MIN, _POLL_MAX, _POLL_SHARE = 5e-5, 2e-3, 0.02
 EXIT_GRACE = 2.0
 #: How long a rank whose communicator broke lets MPI_Finalize run once every rank voted to finalize.
 FINALIZE_GRACE = 5.0
+#: How long after a failure ``raise SystemExit(n)`` is watched for (see :func:`_trace_exit_status`).
+TRACE_WINDOW = 120.0
 
 _hook_lock = threading.Lock()
 _hook_installed = False
@@ -1480,15 +1482,19 @@ def _track_exit(comm: MPIComm) -> None:
 def _trace_exit_status() -> None:
     """After a failure: watch the outermost frame of the main thread for SystemExit (``raise SystemExit(n)``).
 
-    Installed only once a communicator broke (it costs a Python call per function
-    call from then on), only on the main thread, and never over a debugger's or
-    coverage's trace function.
+    A trace hook costs a Python call per function call, so it is installed only
+    once a communicator broke, only on the main thread, never over a debugger's
+    or coverage's hook, and it removes itself after :data:`TRACE_WINDOW` seconds
+    (a job that goes on after the failure stops paying for it; if it later ends
+    with ``raise SystemExit(n)`` outside ``sys.exit``, that is seen as status 0).
     """
     if _exit["traced"] or threading.current_thread() is not threading.main_thread() or sys.gettrace() is not None:
         return
     frame = sys._getframe()
     while frame.f_back is not None:
         frame = frame.f_back
+    until = time.monotonic() + TRACE_WINDOW
+    calls = [0]
 
     def local(f: Any, event: str, arg: Any) -> Any:
         if event == "exception" and isinstance(arg[1], SystemExit):
@@ -1497,9 +1503,15 @@ def _trace_exit_status() -> None:
             _exit["recorded"] = False  # a SystemExit caught at the top level does not end the process
         return local
 
+    def calls_hook(f: Any, event: str, arg: Any) -> None:
+        calls[0] += 1
+        if not calls[0] & 0x3FFF and time.monotonic() > until:
+            sys.settrace(None)
+        return None
+
     frame.f_trace = local
     frame.f_trace_lines = True
-    sys.settrace(lambda *a: None)
+    sys.settrace(calls_hook)
     _exit["traced"] = True
 
 
