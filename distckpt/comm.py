@@ -315,7 +315,8 @@ def _tag(kind: str, name: str, root: int) -> int:
 
 
 def _where(h: dict) -> str:
-    return f"{h.get('kind')} {h.get('name')!r} (#{h.get('seq')})"
+    root = f" from rank {h.get('root')}" if h.get("root") else ""
+    return f"{h.get('kind')} {h.get('name')!r}{root} (#{h.get('seq')})"
 
 
 def _byte_view(buf: Any, *, writable: bool, what: str) -> memoryview:
@@ -367,7 +368,7 @@ class _Op:
         return "no deadline" if self.timeout is None else f"{self.timeout:g} s"
 
     def head(self) -> dict:
-        return {"seq": self.seq, "kind": self.kind, "name": self.name[:200]}
+        return {"seq": self.seq, "kind": self.kind, "name": self.name[:200], "root": self.root}
 
 
 @dataclass(frozen=True)
@@ -1161,7 +1162,8 @@ class MPIComm(Communicator):
             raise self._break(message, failures)
         elif kind == _CENSUS:
             cur = self._current
-            here = cur.head() if cur is not None else {"seq": self._seq, "kind": "(between collectives)", "name": ""}
+            here = cur.head() if cur is not None else {"seq": self._seq, "kind": "(between collectives)", "name": "",
+                                                        "root": 0}
             reply = json.dumps({"id": a, **here}).encode("utf-8")[:_CENSUS_MAX]
             try:
                 self._isend(reply, 0, _TAG_CENSUS)
