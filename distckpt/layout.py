@@ -43,6 +43,7 @@ __all__ = [
     "Strategy",
     "check_tiling",
     "full_box",
+    "box_of",
 ]
 
 
@@ -317,6 +318,30 @@ class TensorLayout:
             out[:, 0] = out[:, 0] * self.opt_shard_size + opt
         return out
 
+    def replica_index(self, rank: int) -> tuple[int, int]:
+        """``(g, j)``: ``rank``'s box is held by ``g`` ranks of its stage, and ``rank`` is the ``j``-th of them.
+
+        Closed form (no enumeration of the world): the ranks holding one box
+        differ only in their coordinates on the device axes that neither the
+        tensor map nor the optimizer shard uses, and in the part of a
+        partially used optimizer axis that the shard does not take
+        (``coordinate // modulus``).  ``j`` is the mixed-radix number of those
+        coordinates, so the ``g`` holders are numbered ``0..g-1`` in rank order.
+        """
+        dm = self.dev_matrix
+        coords = np.unravel_index(int(rank) % self.device_num, dm)
+        mapped = {len(dm) - 1 - a for axes in self.tensor_map for a in axes}
+        opt = dict(self._opt_axes)
+        g, j = 1, 0
+        for i, n in enumerate(dm):
+            if i in mapped:
+                continue
+            c = int(coords[i])
+            if i in opt:
+                n, c = n // opt[i], c // opt[i]
+            g, j = g * n, j * n + c
+        return g, j
+
     def box(self, rank: int, shape: Sequence[int]) -> Box:
         """The part of a tensor of global ``shape`` that ``rank`` holds."""
         shape = tuple(shape)
@@ -413,6 +438,39 @@ class Strategy:
             return None
         return spec.layout.box(rank, shape)
 
+    def replica_index(self, name: str, rank: int) -> tuple[int, int]:
+        """``(g, j)``: ``g`` ranks (over every stage holding ``name``) hold ``rank``'s box; ``rank`` is the ``j``-th."""
+        spec = self.params[name]
+        g, j = spec.layout.replica_index(rank)
+        pos = spec.stages.index(self.stage_of(rank))
+        return g * len(spec.stages), pos * g + j
+
+    def replica_members(self, name: str, rank: int) -> np.ndarray:
+        """The ranks holding ``rank``'s box of ``name``, numbered as :meth:`replica_index` numbers them.
+
+        Closed form: ``rank``'s coordinates on the tensor-map axes (and the shard part of an optimizer
+        axis) are kept, the others vary, in every stage holding ``name``.
+        """
+        spec = self.params[name]
+        lay = spec.layout
+        dm = lay.dev_matrix
+        coords = np.unravel_index(int(rank) % lay.device_num, dm)
+        mapped = {len(dm) - 1 - a for axes in lay.tensor_map for a in axes}
+        opt = dict(lay._opt_axes)
+        values = []
+        for i, n in enumerate(dm):
+            c = int(coords[i])
+            if i in mapped:
+                values.append(np.array([c]))
+            elif i in opt:
+                m = opt[i]
+                values.append(c % m + m * np.arange(n // m))
+            else:
+                values.append(np.arange(n))
+        grid = np.stack(np.meshgrid(*values, indexing="ij"), axis=-1).reshape(-1, len(dm))
+        local = np.ravel_multi_index(tuple(grid.T), dm)
+        return np.concatenate([s * self.stage_device_num + local for s in spec.stages]).astype(np.int64)
+
     def ranks_holding(self, name: str) -> np.ndarray:
         spec = self.params[name]
         return np.concatenate(
@@ -470,3 +528,13 @@ def _block_groups(layout: TensorLayout, stages: tuple[int, ...], stage_device_nu
         members.append(m)
     uniq.setflags(write=False)
     return uniq, tuple(members)
+
+
+def box_of(strategy: Strategy | None, name: str, shape: Sequence[int], rank: int) -> Box | None:
+    """The box of tensor ``name`` (global ``shape``) that ``rank`` holds: all of it when the strategy
+    does not name it, None when the rank's pipeline stage does not hold it."""
+    if strategy is None or name not in strategy:
+        return full_box(shape)
+    if not strategy.holds(name, rank):
+        return None
+    return strategy.params[name].layout.box(rank, shape)

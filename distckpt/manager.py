@@ -7,8 +7,12 @@ invisible (and removed by the next retention pass or ``distckpt gc``).
 Who does what during ``save(step, ...)``:
 
 1. (all ranks) wait for the previous async save; re-raise its error if it failed;
-2. (all ranks) stage: copy this rank's arrays into host memory (async only);
-3. (all ranks, background thread if async) ``distckpt.save`` into ``ROOT/{step}``;
+2. (all ranks) prepare the save (:class:`distckpt.saving.SaveJob`); if async, copy the
+   pieces this rank writes -- and only those -- into shared memory (the only time
+   training is blocked; over ``staging_limit`` the save is synchronous instead);
+3. (all ranks, a background thread if async) run the save protocol; the data file is
+   written by a separate writer process (:mod:`distckpt.asyncsave`), so the writes and
+   checksums never hold the training process's GIL;
 4. (rank 0) once committed, apply retention: delete old steps, never the
    newest committed one, never the best one, never one this process reads.
 """
@@ -21,10 +25,10 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
-
+from .asyncsave import AsyncWriter
 from .errors import ConfigError, DistCkptError, NotCommittedError
 from .index import INDEX_NAME, MAX_INDEX_BYTES, Index
+from .saving import SaveJob
 from .storage import open_storage
 
 __all__ = ["CheckpointManager"]
@@ -71,6 +75,7 @@ class CheckpointManager:
         env_limit = os.environ.get("DISTCKPT_STAGING_LIMIT")
         self.staging_limit = staging_limit_bytes or (int(env_limit) if env_limit else DEFAULT_STAGING_LIMIT)
         self._thread: threading.Thread | None = None
+        self._async_writer: AsyncWriter | None = None
         self._error: BaseException | None = None
         self._reading: dict[int, int] = {}
         self._lock = threading.Lock()
@@ -126,52 +131,42 @@ class CheckpointManager:
         self.wait()  # at most one save in flight; surfaces a background error here
         if not force and not self.should_save(step):
             return False
-        meta = {"step": int(step)}
+        meta: dict[str, Any] = {"step": int(step)}
         if metrics is not None:
             meta["metrics"] = dict(metrics)
-        if self.async_save:
-            staged = self._stage(state)
-            if staged is not None:
-                self._thread = threading.Thread(
-                    target=self._background, args=(step, staged, strategy, meta), name=f"distckpt-save-{step}", daemon=True
-                )
-                self._thread.start()
-                return True
-        self._save_now(step, state, strategy, meta)
+        job = SaveJob(state, self.step_path(step), strategy=strategy, comm=self._comm_obj(),
+                      storage_options=self.storage_options, metadata=meta)
+        if self.async_save and job.nbytes <= self.staging_limit:
+            # the one blocked copy: this rank's pieces into shared memory; a writer process does the rest
+            writer = self._writer()
+            job.stage(allocate=writer.allocate)
+            self._thread = threading.Thread(
+                target=self._background, args=(step, job, meta, writer), name=f"distckpt-save-{step}", daemon=True
+            )
+            self._thread.start()
+            return True
+        self._save_now(step, job, meta)  # synchronous (or over the staging cap)
         return True
 
-    def _stage(self, state: Mapping[str, Any]) -> dict | None:
-        """Copy arrays into host memory so training may change them; None when over the cap."""
-        from .api import _as_numpy
+    def _writer(self) -> AsyncWriter:
+        if self._async_writer is None:
+            self._async_writer = AsyncWriter()
+        return self._async_writer
 
-        total = 0
-        staged: dict[str, Any] = {}
-        for k, v in state.items():
-            arr = _as_numpy(k, v)
-            if arr is None:
-                staged[k] = v
-                continue
-            total += arr.nbytes
-            if total > self.staging_limit:
-                return None  # over the hard cap: save synchronously instead
-            staged[k] = np.array(arr, copy=True)
-        return staged
-
-    def _background(self, step, staged, strategy, meta) -> None:
+    def _background(self, step: int, job: SaveJob, meta: dict, writer: AsyncWriter) -> None:
         try:
-            self._save_now(step, staged, strategy, meta)
+            self._save_now(step, job, meta, writer.write)
         except BaseException as exc:  # noqa: BLE001 - surfaced at the next save() / wait()
             self._error = exc
         finally:
-            staged.clear()
+            job.pieces = []
+            writer.release()
 
-    def _save_now(self, step, state, strategy, meta) -> None:
-        from .api import save
-
-        c = self._comm_obj()
-        save(state, self.step_path(step), strategy=strategy, comm=c, storage_options=self.storage_options, metadata=meta)
+    def _save_now(self, step: int, job: SaveJob, meta: dict, write=None) -> None:
+        job.run() if write is None else job.run(writer=write)
         if meta.get("metrics") is not None:
             self._metrics_cache[int(step)] = meta["metrics"]
+        c = job.comm
         c.run("manager.retention", self._retention if c.rank == 0 else (lambda: None))
         c.barrier("manager.saved")
 
@@ -186,7 +181,12 @@ class CheckpointManager:
             raise err
 
     def close(self) -> None:
-        self.wait()
+        try:
+            self.wait()
+        finally:
+            if self._async_writer is not None:
+                self._async_writer.close()
+                self._async_writer = None
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -264,3 +264,21 @@ class CheckpointManager:
         finally:
             with self._lock:
                 self._reading[step] -= 1
+
+
+def list_checkpoints(root, *, storage_options: dict | None = None) -> dict:
+    """What ``distckpt list ROOT`` shows: the committed steps of a CheckpointManager root.
+
+    Returns ``{"root", "steps", "latest", "entries": [{"name", "step", "state", "line"}]}``;
+    a ROOT that does not exist is an error.
+    """
+    from .errors import NotFoundError
+
+    store = open_storage(root, storage_options)
+    if not store.exists():
+        raise NotFoundError(f"{root}: no such directory")
+    if not store.isdir():
+        raise NotFoundError(f"{root}: is a file; list takes the root directory of a CheckpointManager")
+    steps = CheckpointManager(root, storage_options=storage_options).all_steps()
+    entries = [{"name": str(s), "step": s, "state": "committed", "line": str(s)} for s in steps]
+    return {"root": os.fspath(root), "steps": steps, "latest": steps[-1] if steps else None, "entries": entries}

@@ -172,7 +172,7 @@ def test_get_comm_selection(monkeypatch):
 
 def test_core_import_does_not_import_mpi4py_or_mindspore():
     code = (
-        "import distckpt.comm, distckpt.config, sys; "
+        "import distckpt.comm, distckpt.jobconfig, sys; "
         "print('mpi4py' in sys.modules, 'mindspore' in sys.modules, 'distckpt.mindspore' in sys.modules); "
         "from distckpt.comm import MindSporeComm; "
         "print(MindSporeComm.__module__, 'mindspore' in sys.modules, MindSporeComm.can_exchange)"

@@ -49,16 +49,17 @@ def main() -> None:
         for step in range(1, args.steps + 1):
             w = my_slice(weights(step), world, rank)
             if step == args.kill_at_step and rank == world - 1:
-                # die while this step's save is in flight: the data is half written
-                import distckpt.io as dio
+                # die while this step's save is in flight: its data file is written (by the writer
+                # process), the commit has not happened
+                from distckpt.asyncsave import AsyncWriter
 
-                real = dio.SafetensorsWriter.write
+                real = AsyncWriter.write
 
-                def die(self, name, data, _real=real):
-                    _real(self, name, data)
+                def die(self, *a, _real=real, **kw):
+                    _real(self, *a, **kw)
                     os.kill(os.getpid(), signal.SIGKILL)
 
-                dio.SafetensorsWriter.write = die
+                AsyncWriter.write = die
             mgr.save(step, {"w": w, "step": step}, strategy=strategy(world))
             w[:] = -1  # training reuses its buffers at once
         mgr.close()
