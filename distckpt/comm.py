@@ -155,8 +155,8 @@ trace hook on the outermost frame sees ``raise SystemExit(n)`` too) and register
    cannot hang, so mpi4py finalizes as usual (after a failure the hook runs it
    itself, on a helper thread, for at most 5 s);
 4. vote complete and 1, or incomplete while this rank failed or exits non-zero:
-   it runs the other ``atexit`` hooks, flushes every open Python file object and
-   calls ``os._exit(status)``: no ``MPI_Finalize``, so no fence to hang in (nor
+   ``os._exit(status)`` (the other ``atexit`` hooks ran and every open Python
+   file object was flushed before the vote): no ``MPI_Finalize``, so no fence to hang in (nor
    the rest of the interpreter's teardown: ``__del__`` methods and ``weakref``
    finalizers of live objects do not run on this path).  Every live rank learned
    the outcome from the same vote, so they all leave within milliseconds, each
@@ -1568,14 +1568,22 @@ def _flush_files() -> None:
             pass
 
 
-def _leave(code: int) -> None:
-    """Run the other atexit hooks, flush every open file, and end the process without MPI_Finalize."""
+def _run_other_hooks() -> None:
+    """Run the atexit hooks registered before ours now (they would run after it, still before MPI_Finalize)."""
     atexit.unregister(_at_exit)
     try:
         atexit._run_exitfuncs()
     except Exception:  # noqa: BLE001
         pass
-    _flush_files()
+
+
+def _leave(code: int) -> None:
+    """End the process now, with ``code``, without MPI_Finalize."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
     os._exit(code & 0xFF)
 
 
@@ -1587,7 +1595,9 @@ def _at_exit() -> None:
     if a communicator broke).  Completed with 1: every rank leaves at once with its
     own status (mpirun ends a job at its first non-zero exit anyway).  Incomplete (a
     rank is busy, stuck or gone): a healthy rank finalizes as MPI prescribes, a rank
-    that failed or exits non-zero leaves.
+    that failed or exits non-zero leaves.  Whatever leaving needs besides
+    ``os._exit`` (the other atexit hooks, flushing files) is done before the vote,
+    so that all ranks leave within microseconds of learning its outcome.
     """
     MPI = sys.modules.get("mpi4py.MPI")
     try:
@@ -1606,6 +1616,8 @@ def _at_exit() -> None:
             for c in comms:
                 if not c._settled:
                     c._send_bye(code)
+        _run_other_hooks()
+        _flush_files()
         vote = comms[0]._exit_vote(code != 0)
     except Exception:  # noqa: BLE001 - never let the hook itself hang or crash the exit
         log.debug("exit vote failed", exc_info=True)
