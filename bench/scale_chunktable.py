@@ -128,9 +128,9 @@ def task_build(a: dict) -> dict:
         perm = np.random.default_rng(1).permutation(len(arrays["file"]))
         for k in ("tensor_ids", "offsets", "sizes", "file", "start", "block_log2", "crc_start"):
             arrays[k] = arrays[k][perm]
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     table = ChunkTable.from_arrays(**arrays, where=a["case"], check=False)
-    t_build = time.perf_counter() - t0
+    t_build, c_build = time.perf_counter() - t0, time.process_time() - c0
     t0 = time.perf_counter()
     table.check()
     t_check = time.perf_counter() - t0
@@ -157,6 +157,7 @@ def task_build(a: dict) -> dict:
         "crcs_per_chunk": table.n_crcs / C,
         "generate_s": t_gen,
         "build_s": t_build,
+        "build_cpu_s": c_build,
         "input_shuffled": shuffle,
         "check_all_s": t_check,
         "serialize_s": t_ser,
@@ -175,11 +176,9 @@ def _rank_boxes(shapes, ndims_split, rank):
     return np.array(offs, np.int64), np.array(sizes, np.int64)
 
 
-def _covering_bytes(table, hits):
+def _covering_bytes(hits):
     """First and last byte (exclusive) of each intersection inside its C-order chunk."""
-    ids = hits.chunk_ids
-    co = table.offsets[ids].astype(np.int64)
-    cs = table.sizes[ids].astype(np.int64)
+    co, cs = hits.chunk_offsets, hits.chunk_sizes
     strides = np.ones_like(cs)
     for d in range(cs.shape[1] - 2, -1, -1):
         strides[:, d] = strides[:, d + 1] * cs[:, d + 1]
@@ -204,36 +203,41 @@ def task_plan(a: dict) -> dict:
         meta = json.load(f)
     shapes = [tuple(s) for s in meta["tensor_shapes"]]
     before = _rss()
-    t_all = time.perf_counter()
+    c0 = time.process_time()
+    t0 = time.perf_counter()
     table = _open(a, shapes, meta)
-    t_open = time.perf_counter() - t_all
+    t_open, c_open = time.perf_counter() - t0, time.process_time() - c0
     fd_c = os.open(a["crcs"], os.O_RDONLY)
 
     def read(off: int, n: int) -> bytes:
         return os.pread(fd_c, n, off)
 
-    out: dict = {"open_s": t_open, "rss_before_open": before, "rss_after_open": _rss()}
+    out: dict = {"open_s": t_open, "open_cpu_s": c_open, "rss_before_open": before, "rss_after_open": _rss()}
     for world in (256, 128):
         split = TARGETS[len(shapes[0])][world]
         rank = 37 % world
         bo, bs = _rank_boxes(shapes, split, rank)
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         hits = table.overlapping_many(np.arange(len(shapes)), bo, bs)
-        t_look = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        lo, hi = _covering_bytes(table, hits)
-        blocks = table.blocks_for(hits.chunk_ids, lo, hi, read=read)
-        t_blocks = time.perf_counter() - t0
+        t_look, c_look = time.perf_counter() - t0, time.process_time() - c0
+        lo, hi = _covering_bytes(hits)
+        c0, t0 = time.process_time(), time.perf_counter()
+        blocks = table.fetch_crcs(hits.block_spans(lo, hi), read=read)
+        t_blocks, c_blocks = time.perf_counter() - t0, time.process_time() - c0
         needed = int(np.prod(hits.inter_sizes, axis=1).sum())
         want = int(sum(int(np.prod(s)) for s in bs))
         out[f"world{world}"] = {
+            "plan_s": t_open + t_look + t_blocks,
+            "plan_cpu_s": c_open + c_look + c_blocks,
             "lookup_s": t_look,
+            "lookup_cpu_s": c_look,
             "blocks_s": t_blocks,
+            "blocks_cpu_s": c_blocks,
             "hits": len(hits.chunk_ids),
             "crcs_fetched": int(len(blocks.crcs)),
             "elements_covered_ok": needed == want,
         }
-    out["total_s"] = time.perf_counter() - t_all
+        del hits, blocks, lo, hi
     out.update(_rss())
     os.close(fd_c)
     return out
@@ -245,14 +249,15 @@ def task_verify(a: dict) -> dict:
         meta = json.load(f)
     shapes = [tuple(s) for s in meta["tensor_shapes"]]
     table = _open(a, shapes, meta)
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     table.check()
-    t_check = time.perf_counter() - t0
+    t_check, c_check = time.perf_counter() - t0, time.process_time() - c0
     after_check = _rss()
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     table.check(files=True)
-    t_files = time.perf_counter() - t0
-    return {"check_all_s": t_check, "rss_after_check": after_check, "check_files_s": t_files, **_rss()}
+    t_files, c_files = time.perf_counter() - t0, time.process_time() - c0
+    return {"check_all_s": t_check, "check_all_cpu_s": c_check, "rss_after_check": after_check,
+            "check_files_s": t_files, "check_files_cpu_s": c_files, **_rss()}
 
 
 def task_concat(a: dict) -> dict:
@@ -283,6 +288,7 @@ def task_concat(a: dict) -> dict:
         blobs.append(tb.to_bytes())
         fsz.append(int(lengths.sum()))
     t_ranks = time.perf_counter() - t0
+    c_start = time.process_time()
     t0 = time.perf_counter()
     # structural checks only: the merged table is checked in full below
     tables = [
@@ -300,7 +306,9 @@ def task_concat(a: dict) -> dict:
     t0 = time.perf_counter()
     tb, cb = merged.to_bytes()
     t_ser = time.perf_counter() - t0
+    c_commit = time.process_time() - c_start
     return {
+        "commit_cpu_s": c_commit,
         "ranks": ranks,
         "chunks": merged.n_chunks,
         "per_rank_build_s": t_ranks,
