@@ -686,6 +686,35 @@ def test_fuzz_mutated_valid_table(data):
         pass
 
 
+EXTREMES = [0, 1, -1, 2, 7, 8, 63, 64, 255, (1 << 31) - 1, -(1 << 31), 1 << 40, (1 << 62) + 1, (1 << 63) - 1, -(1 << 63)]
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_column_values(data):
+    """Any value (extremes included) in any cell of any column: only FormatError, from open,
+    lookups, accessors or check."""
+    (tb, cb), shapes, items, fsz = _simple()
+    meta, cols = _parse(tb)
+    for _ in range(data.draw(st.integers(1, 3))):
+        name = data.draw(st.sampled_from(sorted(cols)))
+        a = cols[name]
+        if not a.size:
+            continue
+        i = data.draw(st.integers(0, a.size - 1))
+        info = np.iinfo(a.dtype)
+        v = data.draw(st.sampled_from(EXTREMES) | st.integers(-3, 70))
+        a.reshape(-1)[i] = min(max(v, info.min), info.max)
+    try:
+        t = _open((_blob(cols, meta), cb), shapes, items, fsz)
+        t.overlapping(0, (0, 0), (4, 6))
+        t.overlapping(1, (1,), (3,))
+        t.blocks_for(np.arange(t.n_chunks), np.zeros(t.n_chunks, np.int64), t.lengths(np.arange(t.n_chunks)))
+        t.check(files=True)
+    except FormatError:
+        pass
+
+
 # ------------------------------------------------------------------ zero copy
 def _big_grid(n_tensors=1000, grid=(40, 25), shape=(4000, 2500)):
     boxes = _grid_boxes(shape, grid)
