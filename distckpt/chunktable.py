@@ -128,6 +128,10 @@ PAIR_BATCH = 1 << 20
 LOOKUP_BATCH = 1 << 19
 #: Table rows a lookup batch spans before its pages are released (mapped tables).
 LOOKUP_ROWS = 1 << 20
+#: Checksum reads through ``read=``: spans closer than this many checksums share one read, and
+#: at most this many checksums are held per step.
+CRC_GAP = 1024
+CRC_BATCH = 1 << 20
 MAX_HEADER_BYTES = 1 << 20
 MAX_NDIM = 32
 _MAX_INT = 1 << 62
@@ -656,6 +660,7 @@ class ChunkTable:
         self._files_checked = False
         self._blocks = np.zeros(ctx.n_tensors, dtype=np.int64)  # checksum blocks per checked tensor
         self._crc_data_offset = -1  # of a crc blob read through a callable
+        self.crc_bytes_read = 0  # checksum bytes fetched through read= (diagnostics)
         self._mmap: mmap.mmap | None = None  # the mapped table blob, whose pages lookups release
         self._col_offset: dict[str, int] = {}
         D = ctx.ndim
@@ -1103,10 +1108,12 @@ class ChunkTable:
         else:
             cols = [np.zeros(0, np.int64)] * 2 + [np.zeros((0, D), np.int64)] * 4 + [np.zeros(0, np.int64)] * 5
         req, *fields = cols
-        back = np.argsort(req, kind="stable")  # request order; chunk order within a request is kept
         ptr = np.zeros(R + 1, np.int64)
         np.cumsum(np.bincount(req, minlength=R), out=ptr[1:])
-        return Hits(ptr, *(f[back] for f in fields))
+        if len(req) > 1 and (req[1:] < req[:-1]).any():
+            back = np.argsort(req, kind="stable")  # request order; chunk order within a request is kept
+            fields = [f[back] for f in fields]
+        return Hits(ptr, *fields)
 
     def _lookup(self, idx: np.ndarray, t: np.ndarray, bo: np.ndarray, bs: np.ndarray, cover: bool) -> tuple[np.ndarray, ...]:
         """Hits of requests ``idx`` (ascending tensor ids), validated, as Hits columns led by the request."""
@@ -1123,28 +1130,33 @@ class ChunkTable:
             lo, counts = p0, p1 - p0
         out = []
         csum = np.cumsum(counts)
+        small = self.offsets.dtype == np.int32 and self.sizes.dtype == np.int32 and not self._ctx.wide
+        b_lo = boi.astype(np.int32) if small else boi
+        b_hi = (boi + bsi).astype(np.int32) if small else boi + bsi
         r0 = 0
         while r0 < len(idx):
             base = int(csum[r0 - 1]) if r0 else 0
             r1 = max(int(np.searchsorted(csum, base + LOOKUP_BATCH, side="right")), r0 + 1)
-            cand, owner = _expand(lo[r0:r1], counts[r0:r1])
-            owner += r0
-            # one dim at a time, dropping misses as soon as they show (dim 0 last: the window
-            # already nearly matches it); the survivors of the last dim are the hits
-            los: dict[int, np.ndarray] = {}
-            his: dict[int, np.ndarray] = {}
-            for d in [*range(1, D), 0][:D]:
-                od = self.offsets[cand, d].astype(np.int64)
-                x = np.maximum(od, boi[owner, d])
-                y = np.minimum(od + self.sizes[cand, d], boi[owner, d] + bsi[owner, d])
-                m = y > x
+            cnt = counts[r0:r1]
+            cand = _runs(lo[r0:r1], cnt)
+            owner = np.repeat(np.arange(r0, r1), cnt)
+            # a mask per dim, dropping misses as soon as they show (dim 0 last: the window already
+            # nearly matches it), in the columns' own dtype; intersections only for the survivors
+            for k, d in enumerate([*range(1, D), 0][:D]):
+                if k == 0:
+                    blo, bhi = np.repeat(b_lo[r0:r1, d], cnt), np.repeat(b_hi[r0:r1, d], cnt)
+                else:
+                    blo, bhi = b_lo[owner, d], b_hi[owner, d]
+                od = self.offsets[:, d][cand]
+                m = (od < bhi) & (od + self.sizes[:, d][cand] > blo)
                 if not m.all():
-                    cand, owner, x, y = cand[m], owner[m], x[m], y[m]
-                    for k in los:
-                        los[k], his[k] = los[k][m], his[k][m]
-                los[d], his[d] = x, y
-            ilo = np.stack([los[d] for d in range(D)], axis=1) if D else np.zeros((len(cand), 0), np.int64)
-            ihi = np.stack([his[d] for d in range(D)], axis=1) if D else np.zeros((len(cand), 0), np.int64)
+                    cand, owner = cand[m], owner[m]
+            co = self.offsets[cand].astype(np.int64)
+            ilo = np.maximum(co, boi[owner])
+            ihi = np.minimum(co + self.sizes[cand], boi[owner] + bsi[owner])
+            keep = (ihi > ilo).all(axis=1)  # exact, in int64 (hostile values may wrap in int32)
+            if not keep.all():
+                cand, owner, ilo, ihi = cand[keep], owner[keep], ilo[keep], ihi[keep]
             out.append((owner, cand, ilo, ihi - ilo))
             r0 = r1
         owner, cand, ilo, isz = (np.concatenate(c) for c in zip(*out)) if out else (np.zeros(0, np.int64),) * 2 + (np.zeros((0, D), np.int64),) * 2
@@ -1612,29 +1624,35 @@ class ChunkTable:
             if dt != np.dtype("<u4") or shape != [self.n_crcs]:
                 raise FormatError(f"{where}: crc column must be U32[{self.n_crcs}], got {dt}{shape}")
             self._crc_data_offset = off
-        keep = counts > 0
-        lo, cnt = crc_lo[keep], counts[keep]
-        out = np.zeros(int(counts.sum()), np.uint32)
-        if not len(lo):
+        out = np.empty(int(counts.sum()), np.uint32)
+        keep = np.flatnonzero(counts > 0)
+        if not len(keep):
             return out
-        order = np.argsort(lo, kind="stable")
-        s, e = lo[order], lo[order] + cnt[order]
-        # merge runs closer than 1024 checksums (4 KiB) into one read
-        run_end = np.maximum.accumulate(e)
-        new = np.concatenate([[True], s[1:] > run_end[:-1] + 1024])
-        rs = s[new]
-        re = np.maximum.reduceat(e, np.flatnonzero(new))
-        parts, base = [], np.zeros(len(rs), np.int64)
-        pos = 0
-        for k, (a, b) in enumerate(zip(rs.tolist(), re.tolist())):
-            parts.append(np.frombuffer(get(self._crc_data_offset + 4 * a, 4 * (b - a)), dtype="<u4"))
-            base[k] = pos - a
-            pos += b - a
-        data = np.concatenate(parts)
+        dest = (np.cumsum(counts) - counts)[keep]
+        order = np.argsort(crc_lo[keep], kind="stable")
+        s, cnt, dest = crc_lo[keep][order], counts[keep][order], dest[order]
+        e = s + cnt
+        # one read per run of spans closer than CRC_GAP checksums; runs read CRC_BATCH at a time
+        new = np.concatenate([[True], s[1:] > np.maximum.accumulate(e)[:-1] + CRC_GAP])
+        first = np.flatnonzero(new)  # first span of each run
+        rs, re = s[first], np.maximum.reduceat(e, first)
         run_of = np.cumsum(new) - 1
-        src = np.empty(len(lo), np.int64)
-        src[order] = s + base[run_of]
-        return _gather_runs(data, src, cnt)
+        csum = np.cumsum(re - rs)
+        k0 = 0
+        while k0 < len(rs):
+            base0 = int(csum[k0 - 1]) if k0 else 0
+            k1 = max(int(np.searchsorted(csum, base0 + CRC_BATCH, side="right")), k0 + 1)
+            data = np.frombuffer(
+                b"".join(get(self._crc_data_offset + 4 * a, 4 * (b - a)) for a, b in zip(rs[k0:k1].tolist(), re[k0:k1].tolist())),
+                dtype="<u4",
+            )
+            sp = slice(int(first[k0]), int(first[k1]) if k1 < len(rs) else len(s))
+            r = run_of[sp]
+            src = s[sp] - rs[r] + (csum[r] - (re[r] - rs[r]) - base0)
+            out[_runs(dest[sp], cnt[sp])] = data[_runs(src, cnt[sp])]
+            self.crc_bytes_read += data.nbytes
+            k0 = k1
+        return out
 
 
 def _pair_flags(o: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

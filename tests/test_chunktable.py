@@ -260,6 +260,26 @@ def test_blocks_for_ranges_and_read_path():
         table.blocks_for([0], [0], [41])
 
 
+@pytest.mark.parametrize("gap,batch", [(0, 1), (3, 5), (1024, 1 << 20)])
+def test_crcs_read_through_callable_equal_the_column(monkeypatch, gap, batch):
+    import distckpt.chunktable as ct
+
+    monkeypatch.setattr(ct, "CRC_GAP", gap)
+    monkeypatch.setattr(ct, "CRC_BATCH", batch)
+    table, recs, shapes, items, fsz = _table(TENSORS, block_sizes=(2, 4, 8), seed=5)
+    tb, cb = table.to_bytes()
+    lazy = _open((tb, None), shapes, items, fsz)
+    rnd = random.Random(gap)
+    ids = np.array([rnd.randrange(table.n_chunks) for _ in range(50)])
+    length = table.lengths(ids)
+    lo = np.array([rnd.randint(0, int(n)) for n in length])
+    hi = np.array([rnd.randint(int(a), int(n)) for a, n in zip(lo, length)])
+    want = table.blocks_for(ids, lo, hi)
+    got = lazy.blocks_for(ids, lo, hi, read=lambda off, n: cb[off : off + n])
+    assert got.crcs.tolist() == want.crcs.tolist() and got.ptr.tolist() == want.ptr.tolist()
+    assert 0 < lazy.crc_bytes_read <= 4 * table.n_crcs  # runs are disjoint
+
+
 def test_partial_tables_and_concat_equal_the_whole():
     boxes = _grid_boxes((6, 4), (3, 2))
     shapes, items = [(6, 4), (5,)], [4, 2]
