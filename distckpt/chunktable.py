@@ -692,6 +692,16 @@ class ChunkTable:
         return self._ctx.ndim
 
     @property
+    def specs(self) -> TensorSpecs:
+        """The tensors this table describes."""
+        return self._ctx.specs
+
+    @property
+    def file_sizes(self) -> np.ndarray:
+        """Size in bytes of each file (int64 [F], as given)."""
+        return self._ctx.file_sizes
+
+    @property
     def table_nbytes(self) -> int:
         """Bytes of the table blob's columns (the crc column excluded)."""
         return sum(int(getattr(self, n).nbytes) for n in _ORDER)

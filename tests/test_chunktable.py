@@ -329,6 +329,12 @@ def test_pinwheel_tiling_takes_the_exact_path():
     bad = [((0, 0), (2, 1)), ((0, 1), (1, 2)), ((1, 0), (1, 2)), ((1, 2), (2, 1)), ((2, 0), (1, 2))]  # overlap at (1,0)
     with pytest.raises(FormatError, match="overlap"):
         _table([((3, 3), 1, bad)])
+    # an overlap and a gap of the same size: the volumes add up, only the exact sweep sees it
+    t = ChunkTable.from_arrays(tensor_ids=[0, 0, 0], offsets=[[0, 0], [1, 0], [2, 2]], sizes=[[2, 4], [2, 2], [2, 2]],
+                               file=[0, 0, 0], start=[0, 8, 12], tensor_shapes=[(4, 4)], tensor_itemsizes=[1],
+                               file_sizes=[16], check=False)
+    with pytest.raises(FormatError, match=r"chunk 0 .* and chunk 1 .* overlap"):
+        t.check()
 
 
 def test_scalar_only_table():
@@ -400,7 +406,7 @@ def test_bad_requests_are_layout_errors():
     with pytest.raises(LayoutError, match="chunk id"):
         table.lengths([99])
     tb, cb = table.to_bytes()
-    lazy = _open((tb, None), [s for s, _, _ in SIMPLE], [i for _, i, _ in SIMPLE], table._ctx.file_sizes.tolist())
+    lazy = _open((tb, None), [s for s, _, _ in SIMPLE], [i for _, i, _ in SIMPLE], table.file_sizes.tolist())
     with pytest.raises(LayoutError, match="crc blob"):
         concat([lazy])
     lazy.attach_crcs(cb)
