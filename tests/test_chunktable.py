@@ -596,6 +596,11 @@ def test_hostile_structure(simple):
     _expect(simple, _mutated(simple, "file", meta={"n_crcs": "x1"}), "n_crcs")
     _expect(simple, _mutated(simple, "file", meta={"n_crcs": str(1 << 50)}), "at most 2..40")
     _expect(simple, _mutated(simple, "crc32c", lambda a: a[:-1], crc=True), "crc blob holds")
+    # one checksum more than the chunks have blocks: it would belong to no chunk
+    (tb, cb), *_ = simple
+    extra = (_mutated(simple, "file", meta={"n_crcs": str(int(_parse(tb)[0]["n_crcs"]) + 1)})[0],
+             _mutated(simple, "crc32c", lambda a: np.append(a, np.uint32(1)), crc=True)[1])
+    _expect(simple, extra, "checksum blocks; the crc column has")
     _expect(simple, _mutated(simple, "crc32c", lambda a: a.astype("<i4"), crc=True), "U32")
     _expect(simple, _mutated(simple, "crc32c", crc=True, meta={"format": "x"}), "not a distckpt crc blob")
     (tb, cb), shapes, items, fsz = simple
@@ -628,7 +633,7 @@ def test_hostile_header(simple):
     js = json.dumps(raw).encode()
     js += b" " * (-len(js) % 8)
     mis = struct.pack("<Q", len(js)) + js + data
-    _expect(simple, (mis, cb), "not aligned|overlap")
+    _expect(simple, (mis, cb), "column 'start': data at byte .* is not aligned to its 8-byte items")
 
 
 def test_absurd_sizes_refused_before_allocating(simple):
