@@ -160,7 +160,9 @@ def load(
         raise StrategyError(f"rank {rank} is outside the strategy's {strat.world_size} ranks")
     st = stats if stats is not None else ReadStats()
     out: dict[str, Any] = {}
-    for item in plan_load({n: t.shape for n, t in src.tensors.items()}, strat, rank, want):
+    items = plan_load({n: t.shape for n, t in src.tensors.items()}, strat, rank, want)
+    src.index.prefetch((it.name, it.box) for it in items)  # index v2: every box looked up in one pass
+    for item in items:
         out[item.name] = src.read(item.name, item.box, verify=verify, stats=st)
     out.update(_values(src, want))
     return out
@@ -200,6 +202,7 @@ def _load_together(c, path, *, strategy, src_strategy, names, storage_options, v
                 raise StrategyError(f"strategy describes {strat.world_size} ranks but this job has {c.size}")
         tensors = {n: (t.dtype, t.shape) for n, t in src.tensors.items() if want is None or n in want}
         plan = plan_shared_reads(tensors, strat, c.size, c.rank)
+        src.index.prefetch((it.name, it.box) for it in plan if it.reader == c.rank)
         for it in plan:
             dtype = dtypes.to_numpy(tensors[it.name][0])
             if it.reader == c.rank:
@@ -424,8 +427,7 @@ def _write_distckpt(store, source: Source, strategy: Strategy | None, world: int
         strategy=strategy_to_json(strategy) if strategy is not None else None, metadata={"name": source.name},
         values=_commit.values_json(source.values), where=store.child_url(naming.INDEX_NAME),
     )
-    _commit.commit(store, index)
-    return sorted(index.files) + [naming.INDEX_NAME]
+    return _commit.commit(store, index)
 
 
 def split(
@@ -597,7 +599,13 @@ def verify(src, *, src_strategy=None, storage_options: dict | None = None, quiet
             bad_files.add(name)
             note(exc, url, None, None)
     checked = 0
-    for t in progress(list(source.tensors.values()), desc="verify", quiet=quiet):
+    tensors = list(source.tensors.values())
+    try:
+        source.index.check()  # index v2: every rule on every chunk of the table, and the blobs' crc32c
+    except DistCkptError as exc:
+        note(exc, None, None, None)
+        tensors = []  # its chunks cannot be trusted to say where any bytes are
+    for t in progress(tensors, desc="verify", quiet=quiet):
         try:
             check_tiling(t.shape, [c.box for c in t.chunks], name=t.name)
         except DistCkptError as exc:

@@ -9,6 +9,10 @@ Plans come from :mod:`distckpt.plan`; storage is :mod:`distckpt.storage`.
   blocks the read touches;
 * :class:`ReadStats` -- bytes needed / read / requests, for the ratio reports.
 
+Chunks come from :meth:`distckpt.index.TensorInfo.overlapping` (a version-2 index answers from its
+chunk table and builds objects for the hits only); the checksums a read verifies are fetched for
+the blocks it touches only (:func:`_want_crcs`: one read per chunk from a version-2 checksum column).
+
 On a local disk both go straight between the arrays and the file (no
 intermediate buffers, no per-block Python loops on the data):
 
@@ -70,7 +74,7 @@ def chunk_block_size(nbytes: int, max_block: int = DEFAULT_BLOCK_SIZE) -> int:
     b = MIN_BLOCK_SIZE
     while b < max_block and b * BLOCKS_PER_CHUNK < nbytes:
         b *= 2
-    return min(b, max(max_block, 1))
+    return min(b, 1 << (max(max_block, 1).bit_length() - 1))  # a power of two even if max_block is not
 
 
 def block_crcs(data, block_size: int) -> list[int]:
@@ -543,13 +547,24 @@ def _read_mapped(storage, tensor, target, hits, dtype, out, verify, st) -> np.nd
     return result
 
 
+def _want_crcs(chunk: Chunk, first: int, n: int) -> Sequence[int]:
+    """The recorded checksums of blocks ``[first, first + n)`` of ``chunk``: a slice of its tuple, or one
+    read of exactly those blocks from a version-2 checksum column (:class:`~distckpt.index.CrcSpan`)."""
+    crcs = chunk.crcs
+    assert crcs is not None
+    span = getattr(crcs, "span", None)
+    if span is not None:
+        return span(first, first + n).tolist()
+    return crcs[first : first + n]
+
+
 def _compare_blocks(tensor: TensorInfo, ci: int, chunk: Chunk, lo: int, got: list[int]) -> None:
     bs = chunk.block_size
-    assert chunk.crcs is not None
     first = lo // bs
+    want = _want_crcs(chunk, first, len(got))
     for k, crc in enumerate(got):
         b = first + k
-        if b >= len(chunk.crcs) or crc != chunk.crcs[b]:
+        if k >= len(want) or crc != want[k]:
             start = chunk.segments[0][0] + b * bs
             raise ChecksumError(
                 f"checksum mismatch in {chunk.file}, tensor {tensor.name!r}, chunk {ci} "
@@ -560,15 +575,15 @@ def _compare_blocks(tensor: TensorInfo, ci: int, chunk: Chunk, lo: int, got: lis
 
 def _verify_blocks(tensor: TensorInfo, ci: int, chunk: Chunk, lo: int, buf: memoryview) -> None:
     bs = chunk.block_size
-    assert chunk.crcs is not None
+    first = lo // bs
+    want = _want_crcs(chunk, first, -(-len(buf) // bs))
     for i in range(0, len(buf), bs):
-        b = (lo + i) // bs
+        k = i // bs
         got = _crc.crc32c(buf[i : i + bs])
-        if b >= len(chunk.crcs) or got != chunk.crcs[b]:
+        if k >= len(want) or got != want[k]:
             start = chunk.segments[0][0] + lo + i
             raise ChecksumError(
                 f"checksum mismatch in {chunk.file}, tensor {tensor.name!r}, chunk {ci} "
                 f"(offsets {list(chunk.box.offsets)}), bytes [{start}, {start + min(bs, len(buf) - i)}): "
                 "the file is corrupt; restore it or re-save the checkpoint"
             )
-

@@ -9,10 +9,13 @@ distckpt checkpoints
     ``distckpt.index.json``                      the commit (written last)
     ``data-{save_id}-{rank:05d}.safetensors``    one data file per writing rank per save
     ``.manifest-{rank:05d}.json``                a rank-mode save's report, until ``finalize``
+    ``.manifest-{rank:05d}-{save_id}.chunks``    its chunk table (a report blob beside the JSON)
     ``.distckpt-save-{save_id}.json``            the save marker, written before any data file:
                                                  proof for ``gc`` that the save's files are ours
     ``chunks-{save_id}.safetensors`` /
-    ``crc32c-{save_id}.bin``                     index version 2: the columnar chunk table
+    ``crc32c-{save_id}.bin``                     index version 2: the columnar chunk table and its
+                                                 checksum column (safetensors blobs), written before
+                                                 the index that names them
 MindSpore
     ``rank_{r}/``                                a rank directory of a distributed checkpoint
     ``ckpt_strategy_rank_{r}.ckpt``              MindFormers' per-rank strategy file name
@@ -42,6 +45,9 @@ __all__ = [
     "is_save_marker",
     "chunk_table_file",
     "crc_file",
+    "is_index_blob",
+    "manifest_table_file",
+    "is_manifest_table",
     "RANK_DIR",
     "rank_dir",
     "rank_file",
@@ -77,8 +83,8 @@ def is_data_file(name: str) -> bool:
 
 
 def save_id_of(name: str) -> str | None:
-    """The save id a data file, marker or chunk table belongs to (None if it is none of those)."""
-    for pat in (_DATA, _MARKER, _CHUNKS, _CRCS):
+    """The save id a data file, marker, chunk table or manifest table belongs to (None if it is none of those)."""
+    for pat in (_DATA, _MARKER, _CHUNKS, _CRCS, _MANIFEST_TABLE):
         m = pat.match(name)
         if m:
             return m.group("sid")
@@ -116,6 +122,23 @@ def chunk_table_file(save_id: str) -> str:
 
 def crc_file(save_id: str) -> str:
     return f"crc32c-{save_id}.bin"
+
+
+def is_index_blob(name: str) -> bool:
+    """A chunk table or checksum column of an index version 2 (see :func:`chunk_table_file`)."""
+    return _CHUNKS.match(name) is not None or _CRCS.match(name) is not None
+
+
+_MANIFEST_TABLE = re.compile(r"^\.manifest-(?P<rank>\d{5,})-(?P<sid>\d{8}T\d{6}-[0-9a-f]{8})\.chunks$")
+
+
+def manifest_table_file(rank: int, save_id: str) -> str:
+    """The chunk table a rank-mode save writes beside its ``.manifest-{rank}.json``."""
+    return f".manifest-{rank:05d}-{save_id}.chunks"
+
+
+def is_manifest_table(name: str) -> bool:
+    return _MANIFEST_TABLE.match(name) is not None
 
 
 # ------------------------------------------------------------------ MindSpore

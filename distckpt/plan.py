@@ -23,6 +23,7 @@ the verbs in :mod:`distckpt.api` make them.  Decisions made here, once:
 from __future__ import annotations
 
 import bisect
+import heapq
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -78,15 +79,27 @@ def _replica(strategy: Strategy | None, name: str, rank: int, world_size: int) -
 
 def _assign(items: list[tuple[str, int, int]], key: tuple) -> dict[str, int]:
     """Greedy by bytes within one replica class: ``items`` are (name, box bytes, group size g);
-    each box goes to the least-loaded replica index; largest first (LPT), ties rotated by class."""
-    loads: dict[int, np.ndarray] = {}
+    each box goes to the least-loaded replica index; largest first (LPT), ties rotated by class.
+
+    O(n log n) for n items whatever the group sizes: replica indices are tried in rotated order
+    (``(j - rot) % g``); untouched ones all have load 0, so the next untouched index in that order
+    is the best of them, and only touched ones need a heap.
+    """
+    heaps: dict[int, list[tuple[int, int, int]]] = {}  # g -> [(load, rotated position, index)]
+    fresh: dict[int, int] = {}  # g -> rotated positions handed out so far
     out: dict[str, int] = {}
     rot = sum(map(ord, repr(key))) if items else 0
     for name, nbytes, g in sorted(items, key=lambda x: (-x[1], x[0])):
-        load = loads.setdefault(g, np.zeros(g, dtype=np.int64))
-        order = (np.arange(g) + rot) % g
-        j = int(order[np.argmin(load[order])])
-        load[j] += max(nbytes, 1)
+        heap = heaps.setdefault(g, [])
+        k = fresh.get(g, 0)
+        load = max(nbytes, 1)
+        if k < g:  # an untouched index (load 0) beats every touched one (load >= 1)
+            fresh[g] = k + 1
+            j = (k + rot) % g
+            heapq.heappush(heap, (load, k, j))
+        else:
+            old, pos, j = heap[0]
+            heapq.heapreplace(heap, (old + load, pos, j))
         out[name] = j
     return out
 

@@ -15,12 +15,19 @@ an exception on any rank, at any step, becomes the same
 4. (all ranks)   write their data file through a *writer* (in this process:
    :func:`distckpt.execute.write_chunk_file`; or a separate process,
    :mod:`distckpt.asyncsave`);
-5. (all ranks)   send their report (or error) to the coordinator, which builds and
-   commits the index or names the ranks that failed, and broadcasts the verdict;
-   every rank returns the save id or raises it.  A failed save removes what it wrote.
+5. (all ranks)   send their report (or error) to the coordinator only, as bytes: a small
+   JSON head and the rank's chunk table (:func:`distckpt.commit.rank_table`,
+   :func:`~distckpt.commit.pack_report`; ``gather_bytes``, so each rank sends
+   O(its own chunks)); the coordinator merges them
+   (:class:`~distckpt.commit.IndexBuilder`), commits index version 2 or names
+   the ranks that failed, and broadcasts the small verdict; every rank returns
+   the save id or raises it.  A failed save removes what it wrote.
 
 With ``rank=r`` and no communicator (a launcher without MPI) step 5 is a
-manifest per rank; :func:`distckpt.commit.finalize` commits.
+manifest per rank (:func:`distckpt.commit.write_manifest`: the packed report,
+then a small JSON naming it); :func:`distckpt.commit.finalize` commits.
+Nothing a rank does here depends on the world size but the coordinator's
+merge, which is linear in the reports.
 """
 
 from __future__ import annotations
@@ -32,9 +39,10 @@ from typing import Any
 import numpy as np
 
 from . import commit as _commit
-from . import dtypes, jsonutil, naming
+from . import dtypes, naming
+from .chunktable import ChunkTable
 from .comm import Communicator, SingleComm, format_ranks, get_comm
-from .errors import DistCkptError, DistributedError, StrategyError
+from .errors import DistCkptError, DistributedError, StrategyError, UsageError
 from .execute import DEFAULT_BLOCK_SIZE, PendingChunk, write_chunk_file
 from .index import Chunk
 from .layout import Strategy, box_of
@@ -94,6 +102,9 @@ class SaveJob:
 
     # ------------------------------------------------------------ step 1
     def _prepare(self, state, strategy, storage_options) -> None:
+        bs = self.block_size
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 2 or bs & (bs - 1):
+            raise UsageError(f"block_size {bs!r}: checksum blocks must be a power of two (e.g. 1 MiB = 1048576 bytes)")
         strat = load_strategy(strategy, storage_options=storage_options) if strategy is not None else None
         me = self.me
         if self.rank_mode:
@@ -178,37 +189,56 @@ class SaveJob:
 
         save_id = new_id() if self.rank_mode or c.size == 1 else c.run_on_root("save.id", new_id)
         fname = naming.data_file(save_id, me)
-        rep: dict[str, Any] = {}
+        files: list = []
+        tensors: list = []
+        table: ChunkTable | None = None
         if self.error is None:
             try:
-                rep = self._write(fname, writer)
+                files, tensors, table = self._write(fname, writer)
             except Exception as exc:  # noqa: BLE001
                 self.error = exc
+        strategy = strategy_to_json(self.strategy) if self.strategy is not None else None
         common: dict[str, Any] = {
             "save_id": save_id,
             "world_size": self.world,
             "block_size": self.block_size,
             "checksum": "crc32c" if self.checksums else "none",
-            "strategy": strategy_to_json(self.strategy) if self.strategy is not None else None,
+            "strategy": strategy,
             "metadata": self.metadata,
         }
+        head: dict[str, Any] = {"rank": me, "save_id": save_id, "files": files, "tensors": tensors}
         if self.rank_mode:
             if self.error is not None:
                 raise self.error
-            manifest = {**rep, **common, "values": _commit.values_json(self.values) if me == 0 else {}}
-            store.put_atomic(naming.manifest_file(me), jsonutil.dumps(manifest).encode())
+            packed = _commit.pack_report(head, table)
+            _commit.write_manifest(store, {
+                **common, **head, "strategy": strategy if me == 0 else None,
+                "strategy_sha256": _commit.strategy_digest(strategy),
+                "values": _commit.values_json(self.values) if me == 0 else {},
+            }, packed)
             return save_id
-        reports = c.gather({"ok": self.error is None, "e": describe_error(self.error), "r": rep}, "save.report")
+        try:
+            packed = _commit.pack_report({"ok": self.error is None, "e": describe_error(self.error), **head}, table)
+        except Exception as exc:  # noqa: BLE001 - e.g. metadata that is not JSON: a failure like any other
+            self.error = self.error or exc
+            packed = _commit.pack_report({"ok": False, "e": describe_error(self.error), "rank": me}, None)
+        table = None
+        reports = c.gather_bytes(packed, "save.report")  # to the coordinator only: O(own report) per rank
+        del packed
 
         def decide() -> dict:
             assert reports is not None
-            failures = {r: x["e"] for r, x in enumerate(reports) if not x["ok"]}
+            where = store.child_url(naming.INDEX_NAME)
+            parts = [_commit.unpack_report(b, where=f"{where} (report of rank {r})") for r, b in enumerate(reports)]
+            failures = {r: h.get("e") for r, (h, _t, _c) in enumerate(parts) if not h.get("ok")}
             if failures:
                 return {"failures": failures}
-            index = _commit.build_index(
-                [x["r"] for x in reports], values=_commit.values_json(self.values),
-                where=store.child_url(naming.INDEX_NAME), **common,
-            )
+            builder = _commit.IndexBuilder(
+                ((r, h.get("tensors"), f"{where} (report of rank {r})") for r, (h, _t, _c) in enumerate(parts)), where=where)
+            for r, (h, tb, cb) in enumerate(parts):
+                builder.add(r, h.get("files"), h.get("tensors"), tb, cb, where=f"{where} (report of rank {r})")
+            parts.clear()
+            index = builder.finish(values=_commit.values_json(self.values), **common)
             _commit.commit(store, index)
             return {"failures": {}}
 
@@ -229,19 +259,18 @@ class SaveJob:
             ) from self.error
         return save_id
 
-    def _write(self, fname: str, writer: Writer) -> dict:
+    def _write(self, fname: str, writer: Writer) -> tuple[list, list, ChunkTable | None]:
+        """Write this rank's data file; return its report: ``(files, tensors, chunk table)``."""
         pending: Sequence[PendingChunk] = [
             PendingChunk.of(it.name, it.box, piece) for it, piece in zip(self.items, self.pieces)
         ]
-        files: dict[str, int] = {}
-        chunks: dict = {}
-        if pending:
-            self.store.makedirs()
-            chunks, size = writer(self.store, fname, pending, block_size=self.block_size, rank=self.me,
-                                  checksums=self.checksums)
-            files[fname] = size
+        if not pending:
+            return [], [], None
+        self.store.makedirs()
+        chunks, size = writer(self.store, fname, pending, block_size=self.block_size, rank=self.me,
+                              checksums=self.checksums)
         written = {it.name: self.tensors[it.name] for it in self.items}
-        return _commit.report(self.me, files, written, chunks)
+        return _commit.rank_table(self.me, {fname: size}, written, chunks, where=f"rank {self.me}'s report")
 
     def _discard(self, fname: str, save_id: str) -> None:
         """A failed save: every rank removes its data file, then the coordinator the save's marker.

@@ -1,4 +1,5 @@
-"""A committed distckpt checkpoint: ``distckpt.index.json`` plus the data files it names."""
+"""A committed distckpt checkpoint: ``distckpt.index.json`` plus the files it names (data files; in
+index version 2 also the chunk table and the checksum column, opened here, mapped on local disks)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ __all__ = ["read_index", "uncommitted_debris"]
 
 
 def read_index(storage: Store) -> Index:
-    """Parse and validate the committed index; data files are then read only through it."""
+    """Parse and validate the committed index (either version; a version-2 chunk table is opened, not
+    read per chunk); data files are then read only through it."""
     storage.confined = True  # data files are named by the index: never follow a symlink out
     where = storage.child_url(naming.INDEX_NAME)
-    index = Index.loads(storage.read_bytes(naming.INDEX_NAME, limit=MAX_INDEX_BYTES), where=where)
+    index = Index.loads(storage.read_bytes(naming.INDEX_NAME, limit=MAX_INDEX_BYTES), where=where, store=storage)
     for fname in index.files:
         safe_name(fname, what=f"data file name in {where}")
     return index

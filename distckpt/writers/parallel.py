@@ -308,8 +308,7 @@ def merge_parallel(c: Communicator, open_source: Callable[[], Any], dst: str, *,
                     [x["r"] for x in reports], save_id=info["save_id"], world_size=1, checksum="crc32c",
                     block_size=DEFAULT_BLOCK_SIZE, strategy=None, metadata={"name": source.name},
                     values=_commit.values_json(source.values), where=stage.store.child_url(naming.INDEX_NAME))
-                _commit.commit(stage.store, index)
-                names = sorted(index.files) + [naming.INDEX_NAME]
+                names = _commit.commit(stage.store, index)
                 copy_configs(source, stage.store)
             else:
                 stem = source.name if fmt == "ckpt" else "model"
