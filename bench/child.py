@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from bench.model import make_model, rank_states, strategy, tensor_data
+from bench.peertasks import TASKS as PEER_TASKS
 
 
 def _model(a):
@@ -325,7 +326,8 @@ def plan(a):
 
 
 TASKS = {
-    f.__name__: f
+    **PEER_TASKS,
+    **{f.__name__: f
     for f in (
         build_native,
         save_distckpt,
@@ -338,7 +340,7 @@ TASKS = {
         reshard_mindspore,
         load_ratio,
         plan,
-    )
+    )},
 }
 
 
