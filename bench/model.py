@@ -85,7 +85,8 @@ def strategy(model: Model, dp: int, tp: int, *, dim: int | None = None) -> Strat
         tm = [-1] * len(shape)
         if split is not None:
             tm[dim if dim is not None and len(shape) == 2 else split] = 0
-        params[name] = ParamSpec(name, TensorLayout((dp, tp), tuple(tm)), shape=shape)
+        tmap = tuple((t,) for t in tm)  # the normalised form: one tuple of axes per dim
+        params[name] = ParamSpec(name, TensorLayout((dp, tp), tmap), shape=shape)
     return Strategy(params)
 
 

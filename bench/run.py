@@ -190,7 +190,7 @@ def bench_dtype(a, dtype: str, size: int, work: str, logs: str, *, with_ms: bool
 
     if a.save:
         say(f"{dtype} {m.nbytes / MiB:.0f} MiB: save (distckpt, raw disk{', MindSpore' if use_ms else ''})")
-        save = {}
+        save: dict = {}
         # interleaved repetitions: the disk is shared and noisy, the median of each is compared
         for rep in range(a.save_reps):
             last = rep == a.save_reps - 1
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
 def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {}
+    out: dict[str, str | None] = {}
     for pkg in ("torch", "mindspore", "mindformers", "mpi4py", "moto"):
         try:
             out[pkg] = version(pkg)
