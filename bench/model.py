@@ -100,9 +100,10 @@ def tensor_data(model: Model, name: str, shape: tuple[int, ...], seed: int = 0) 
 
 
 def peer_model(size: int, *, head: bool) -> Model:
-    """The model of the peer rows: fp32, hidden 1024 from 32 MiB up (512 MiB with a head and 256 MiB
-    without are then exact to the norms), 256 below."""
-    return make_model(size, "float32", 1024 if size >= 32 * MiB else 256, head=head)
+    """The model of the peer rows: fp32, hidden 1024 from 64 MiB up (512 and 128 MiB with a head, 256 and
+    64 MiB without, are then exact up to the norms), 512 from 16 MiB (32 MiB exact), 256 below."""
+    hidden = 1024 if size >= 64 * MiB else 512 if size >= 16 * MiB else 256
+    return make_model(size, "float32", hidden, head=head)
 
 
 def block_data(name: str, shape: tuple[int, ...], part: int, parts: int) -> np.ndarray:
