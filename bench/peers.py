@@ -114,6 +114,7 @@ def launch(launcher: str, n: int, task: str, args: dict, *, logs: str, env: dict
     else:  # torchrun is torch.distributed.run's console script
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), *job[1:]]
     log = out + ".log"
+    load = os.getloadavg()[0]
     with open(log, "wb") as lf:
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, cwd=ROOT, env=_env(env), stdout=lf, stderr=subprocess.STDOUT)
@@ -139,6 +140,7 @@ def launch(launcher: str, n: int, task: str, args: dict, *, logs: str, env: dict
         "peak_rss_sum": sum(r["peak_rss"] for r in ranks),
         "growth_max": max(r["peak_rss"] - r["rss_before"] for r in ranks),
         "launcher_maxrss": ru.ru_maxrss * 1024,
+        "loadavg": load,
         "ranks": ranks,
     }
 
@@ -150,6 +152,7 @@ def run_child(task: str, args: dict, *, logs: str, cwd: str | None = None, env: 
     os.close(fd)
     log = result[:-5] + ".log"
     cmd = [sys.executable, "-m", "bench.child", task, json.dumps(args), result]
+    load = os.getloadavg()[0]
     with open(log, "wb") as lf:
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, cwd=cwd or ROOT, env=_env(env), stdout=lf, stderr=subprocess.STDOUT)
@@ -166,6 +169,7 @@ def run_child(task: str, args: dict, *, logs: str, cwd: str | None = None, env: 
     os.unlink(log)
     out["wall_seconds"] = wall
     out["peak_rss"] = ru.ru_maxrss * 1024
+    out["loadavg"] = load
     return out
 
 
