@@ -10,7 +10,7 @@ from __future__ import annotations
 from bench.model import GiB, MiB
 from bench.peers import TARGETS, median
 
-__all__ = ["ratios", "render", "plot"]
+__all__ = ["ratios", "render", "plot", "ratio_table", "readme_block", "update_readme"]
 
 GROUPS = ("vs PyTorch DCP", "vs mindformers.checkpoint", "vs machine limit", "cooperative load (S3)", "writers' balance")
 
@@ -134,6 +134,40 @@ def _runs_table(L: list, title: str, runs: dict, model_bytes: int, multi: bool) 
                      f"{_med(rs, 'peak_rss') / MiB:,.0f} | {vals} |")
 
 
+def ratio_table(res: dict) -> list[str]:
+    L = ["| | comparison | distckpt | other | ratio | target | result |", "|---|---|---:|---:|---:|---:|---|"]
+    for r in res["ratios"]:
+        mark = {True: "PASS", False: "**MISS**", None: "—"}[r["pass"]]
+        ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        tgt = "—" if r["target"] is None else f"≤ {r['target']:g}"
+        note = f" ({r['note']})" if r["note"] else ""
+        L.append(f"| {r['group']} | {r['label']}{note} | {_fmt(r['ours'], r['unit'])} | {_fmt(r['theirs'], r['unit'])} | "
+                 f"{ratio} | {tgt} | {mark} |")
+    return L
+
+
+def readme_block(res: dict) -> str:
+    """The ratio table with its context line, for bench/README.md between the ``latest`` markers."""
+    m = res["machine"]
+    head = (f"Run {res['started']} (`{res['command'].strip()}`, {res['total_seconds'] / 60:.0f} min), {m['cores']} cores, "
+            f"load average {m['loadavg'][0]:.1f} at the start and {res['loadavg_end'][0]:.1f} at the end; "
+            f"{res['config']['reps']} alternated repetitions, medians. Every run: `results/latest.md`.\n")
+    return "\n".join([head, *ratio_table(res)]) + "\n"
+
+
+def update_readme(readme: str, res: dict) -> bool:
+    """Replace the text between ``<!-- latest:begin -->`` and ``<!-- latest:end -->``; False if no markers."""
+    begin, end = "<!-- latest:begin -->", "<!-- latest:end -->"
+    with open(readme, encoding="utf-8") as f:
+        text = f.read()
+    i, j = text.find(begin), text.find(end)
+    if i < 0 or j < i:
+        return False
+    with open(readme, "w", encoding="utf-8") as f:
+        f.write(text[: i + len(begin)] + "\n" + readme_block(res) + text[j:])
+    return True
+
+
 def render(res: dict) -> str:
     m = res["machine"]
     L: list[str] = [f"# distckpt vs its peers — {res['started']}\n", f"`{res['command'].strip()}` — {res['total_seconds'] / 60:.1f} min\n"]
@@ -149,15 +183,7 @@ def render(res: dict) -> str:
     for k, why in res["peers"].get("skipped", {}).items():
         L.append(f"- **{k}: skipped** — {why}")
     L.append("\n## Ratios (distckpt / peer or limit; ≤ target passes)\n")
-    L.append("| | comparison | distckpt | other | ratio | target | result |")
-    L.append("|---|---|---:|---:|---:|---:|---|")
-    for r in res["ratios"]:
-        mark = {True: "PASS", False: "**MISS**", None: "—"}[r["pass"]]
-        ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-        tgt = "—" if r["target"] is None else f"≤ {r['target']:g}"
-        note = f" ({r['note']})" if r["note"] else ""
-        L.append(f"| {r['group']} | {r['label']}{note} | {_fmt(r['ours'], r['unit'])} | {_fmt(r['theirs'], r['unit'])} | "
-                 f"{ratio} | {tgt} | {mark} |")
+    L += ratio_table(res)
     p = res["peers"]
     mu = p.get("multi")
     if mu:
