@@ -13,7 +13,7 @@ Tasks (``tool`` in ARGS_JSON picks the implementation):
   save  distckpt | dcp | raw   4 ranks write the row-sharded model (raw: the same bytes, one file
                               per rank, fsynced: the disk's limit)
   load  distckpt | dcp         N ranks load it as column shards (dim 1 split N ways), every page touched
-  s3load distckpt              N ranks load from S3 in a DP x TP layout (bytes are counted by the server)
+  s3load distckpt              N ranks load from S3 in a DP x TP layout, no rank= (bytes counted by the server)
 """
 
 from __future__ import annotations
@@ -171,8 +171,10 @@ def _load_distckpt(a, ctx):
         kw["cooperative"] = a["cooperative"]
     if a.get("verify") is False:
         kw["verify"] = False
+    if a.get("pass_rank", True):
+        kw["rank"] = ctx.rank  # row 2: load(path, strategy=cols, rank=r); row 5 lets the communicator say
     strat = strategy(_model(a), a.get("dp", 1), a.get("tp", ctx.world), dim=a.get("dim", 1))
-    return lambda: distckpt.load(a["path"], strategy=strat, rank=ctx.rank, **kw)
+    return lambda: distckpt.load(a["path"], strategy=strat, **kw)
 
 
 def _load_dcp(a, ctx):
@@ -219,7 +221,9 @@ def accepts(fn, name: str) -> bool:
 
 
 def s3load(a):
-    return load({**a, "tool": "distckpt"})
+    """Every rank of the job calls ``load(url, strategy=...)`` without ``rank=``: the collective form,
+    the one a cooperative load can share bytes in."""
+    return load({**a, "tool": "distckpt", "pass_rank": False})
 
 
 TASKS = {"save": save, "load": load, "s3load": s3load}
