@@ -36,7 +36,7 @@ def _fsync_dir(path):
 # ------------------------------------------------------------------ inputs
 def build_native(a):
     """A MindSpore-native distributed checkpoint: rank_r/checkpoint_r.ckpt + strategy files."""
-    from distckpt.formats.ckpt import CkptWriter
+    from distckpt.codecs.ckpt import CkptWriter
     from distckpt.strategy import dump_strategy_proto
 
     m = _model(a)
@@ -243,7 +243,7 @@ def _du(path):
 def load_ratio(a):
     """Each rank of a new layout loads its slices; bytes read / bytes needed."""
     import distckpt
-    from distckpt.io import ReadStats
+    from distckpt.execute import ReadStats
 
     m = _model(a)
     out = {}

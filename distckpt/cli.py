@@ -1,13 +1,17 @@
-"""The ``distckpt`` command line.  It only parses arguments and calls the library.
+"""The ``distckpt`` command line.  It only parses arguments, calls the library and prints.
 
-Exit codes: 0 success; 1 any error (one ``error: ...`` line on stderr, no
-traceback unless ``--debug``), ``verify`` included; 2 usage errors.
+Exit codes: 0 success; 1 any error (one ``error: ...`` line per problem on
+stderr, no traceback unless ``--debug``), ``verify`` with any defect included;
+2 usage errors (a missing required option, an unknown flag, options that
+contradict each other), with the subcommand's usage.  Output cut short by a
+closed pipe (``distckpt inspect X | head -1``) ends quietly.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import errno
+import os
 import sys
 import textwrap
 from typing import Any
@@ -28,13 +32,22 @@ def _common(p: argparse.ArgumentParser, *, src: bool = True) -> None:
     )
     if src:
         g.add_argument("--src-strategy", metavar="FILE", help="parallel strategy SRC was saved with (file, dir or URL)")
+        g.add_argument("--src-iteration", metavar="N", type=int,
+                       help="a MindFormers checkpoint root: read iteration N instead of the tracker's")
+        g.add_argument("--model", metavar="NAME",
+                       help="SRC is a HuggingFace model of this family (e.g. qwen3): read it with MindFormers' names "
+                       "and fused weights (merge --format hf: the family to export as)")
+        g.add_argument("--qkv-layout", choices=["interleaved", "contiguous"], help="fused QKV layout (default interleaved)")
+        g.add_argument("--ffn-layout", choices=["interleaved", "contiguous"], help="fused gate/up layout (default interleaved)")
 
 
 def _json_arg(s: str) -> dict:
+    from .jsonutil import loads
+
     try:
-        v = json.loads(s)
+        v = loads(s, where="--storage-options")
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+        raise argparse.ArgumentTypeError(str(exc)) from None
     if not isinstance(v, dict):
         raise argparse.ArgumentTypeError("must be a JSON object")
     return v
@@ -86,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  distckpt verify out/ckpt\n  distckpt verify out/native --src-strategy strategy.ckpt",
     )
     s.add_argument("src", metavar="SRC", help=SRC_HELP)
-    s.add_argument("--json", action="store_true", help="print the report as JSON")
+    s.add_argument("--json", action="store_true", help="print the report as JSON (every problem found)")
     _common(s)
 
     s = sub.add_parser(
@@ -98,10 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("src", metavar="SRC", help=SRC_HELP)
     s.add_argument("dst", metavar="DST", help="a .ckpt or .safetensors file, or a directory")
-    s.add_argument("--format", choices=["ckpt", "safetensors", "distckpt"], help="output format (default from DST)")
+    s.add_argument("--format", choices=["ckpt", "safetensors", "distckpt", "mindformers", "hf"],
+                   help="output format (default from DST)")
     s.add_argument("--max-shard-size", metavar="SIZE", help="shard a directory output, e.g. 5GB")
+    s.add_argument("--hf-config", metavar="FILE", help="--format hf: the config.json to write (default: derived from SRC)")
+    s.add_argument("--dst-iteration", metavar="N", type=int, help="--format mindformers: the iteration to write")
     s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     s.add_argument("--no-verify", dest="verify", action="store_false", help="skip checksum verification")
+    s.add_argument("--strict", action="store_true", help="fail if the strategy names parameters no file holds")
     _common(s)
 
     for verb, helptext in (("split", "cut one checkpoint into per-rank shards"), ("reshard", "move a checkpoint to another layout")):
@@ -114,11 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
         )
         s.add_argument("src", metavar="SRC", help=SRC_HELP)
         s.add_argument("dst", metavar="DST", help="output directory")
-        s.add_argument("--dst-strategy", metavar="FILE", help="strategy of the target layout")
-        s.add_argument("--format", choices=["distckpt", "ckpt", "safetensors"], help="output format (default distckpt)")
+        s.add_argument("--dst-strategy", metavar="FILE", help="strategy of the target layout (required; or strategy.dst in --config)")
+        s.add_argument("--format", choices=["distckpt", "ckpt", "safetensors", "mindformers"],
+                       help="output format (default distckpt)")
         s.add_argument("--prefix", help="per-rank file prefix for --format ckpt/safetensors (default checkpoint_)")
+        s.add_argument("--dst-iteration", metavar="N", type=int, help="--format mindformers: the iteration to write")
+        s.add_argument("--plain", action="store_true",
+                       help="--format mindformers: one file per rank, replicas included (default: each shard once)")
         s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
         s.add_argument("--no-verify", dest="verify", action="store_false", help="skip checksum verification")
+        s.add_argument("--strict", action="store_true", help="fail if the strategy names parameters no file holds")
         _common(s)
 
     s = sub.add_parser("finalize", help="commit a rank-mode save once every rank has written", formatter_class=fmt,
@@ -126,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path", metavar="PATH")
     _common(s, src=False)
 
-    s = sub.add_parser("gc", help="remove debris of failed saves", formatter_class=fmt,
-                       epilog="example:\n  distckpt gc out/ckpt --dry-run")
+    s = sub.add_parser("gc", help="remove debris of failed saves (only what distckpt can prove it wrote)",
+                       formatter_class=fmt, epilog="example:\n  distckpt gc out/ckpt --dry-run")
     s.add_argument("path", metavar="PATH")
     s.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     _common(s, src=False)
@@ -178,7 +200,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     """Options from ``--config FILE`` (if any), overridden by the flags that were given."""
     opts: dict[str, Any] = {}
     if getattr(args, "config", None):
-        from .config import load_config
+        from .jobconfig import load_config
 
         cfg = load_config(args.config)
         ck, strat = cfg["checkpoint"], cfg["strategy"]
@@ -198,8 +220,22 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
+def _src_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The SRC selectors given on the command line (MindFormers iteration, HF model map)."""
+    got = {"iteration": getattr(args, "src_iteration", None), "model": getattr(args, "model", None),
+           "qkv_layout": getattr(args, "qkv_layout", None), "ffn_layout": getattr(args, "ffn_layout", None)}
+    return {k: v for k, v in got.items() if v is not None}
+
+
+def _dump(obj: Any) -> None:
+    from .jsonutil import dumps
+
+    print(dumps(obj, indent=2, default=str))
+
+
 def _run(args: argparse.Namespace) -> int:
     from . import api
+    from .errors import UsageError
 
     opts = _options(args)
     so = opts.get("storage_options")
@@ -212,30 +248,39 @@ def _run(args: argparse.Namespace) -> int:
             out = plot_tensor(args.src, args.plot, out=args.out, src_strategy=opts.get("src_strategy"), storage_options=so)
             print(f"wrote {out}")
             return 0
-        info = api.inspect(args.src, src_strategy=opts.get("src_strategy"), storage_options=so)
+        info = api.inspect(args.src, src_strategy=opts.get("src_strategy"), storage_options=so, **_src_options(args))
         if args.json:
-            print(json.dumps(info, indent=2, default=str))
+            _dump(info)
         else:
             _print_inspect(info)
         return 0
     if cmd == "verify":
-        rep = api.verify(args.src, src_strategy=opts.get("src_strategy"), storage_options=so, quiet=quiet)
+        rep = api.verify(args.src, src_strategy=opts.get("src_strategy"), storage_options=so, quiet=quiet,
+                         raise_errors=False, **_src_options(args))
         if args.json:
-            print(json.dumps(rep, indent=2))
-        elif not quiet:
-            print(f"ok: {rep['tensors']} tensors, {_human(rep['bytes_checked'])} checked in {rep['src']}")
-        return 0
+            _dump(rep)
+        else:
+            for p in rep["problems"]:
+                print("error: " + p["what"], file=sys.stderr)
+            if rep["ok"] and not quiet:
+                note = "" if rep.get("checksums", True) else " (this format has no checksums: structure only)"
+                print(f"ok: {rep['tensors']} tensors, {_human(rep['bytes_checked'])} checked in {rep['src']}{note}")
+        return 0 if rep["ok"] else 1
     if cmd == "merge":
         rep = api.merge(args.src, args.dst, format=opts.get("format"), max_shard_size=opts.get("max_shard_size"),
                         src_strategy=opts.get("src_strategy"), overwrite=args.overwrite, storage_options=so,
-                        verify=args.verify, quiet=quiet)
+                        verify=args.verify, quiet=quiet, strict=args.strict, hf_config=args.hf_config,
+                        dst_iteration=args.dst_iteration, **_src_options(args))
         _report(rep, quiet)
         return 0
     if cmd in ("split", "reshard"):
+        if opts.get("dst_strategy") is None:
+            raise UsageError(f"{cmd} needs --dst-strategy FILE (or strategy.dst in --config)")
         fn = api.split if cmd == "split" else api.reshard
         rep = fn(args.src, args.dst, dst_strategy=opts.get("dst_strategy"), format=opts.get("format") or "distckpt",
                  prefix=opts.get("prefix") or "checkpoint_", src_strategy=opts.get("src_strategy"),
-                 overwrite=args.overwrite, storage_options=so, verify=args.verify, quiet=quiet)
+                 overwrite=args.overwrite, storage_options=so, verify=args.verify, quiet=quiet, strict=args.strict,
+                 dst_iteration=args.dst_iteration, plain=args.plain, **_src_options(args))
         _report(rep, quiet)
         return 0
     if cmd == "finalize":
@@ -248,15 +293,14 @@ def _run(args: argparse.Namespace) -> int:
                 print(("would remove " if args.dry_run else "removed ") + n)
         return 0
     if cmd == "list":
-        from .manager import CheckpointManager
+        from .manager import list_checkpoints
 
-        mgr = CheckpointManager(args.root, storage_options=so)
-        steps = mgr.all_steps()
+        rows = list_checkpoints(args.root, storage_options=so)
         if args.json:
-            print(json.dumps({"root": args.root, "steps": steps, "latest": mgr.latest_step()}))
+            _dump(rows)
         else:
-            for s in steps:
-                print(s)
+            for row in rows["entries"]:
+                print(row["line"])
         return 0
     raise AssertionError(cmd)
 
@@ -271,22 +315,71 @@ def _report(rep: dict[str, Any], quiet: bool) -> None:
     print("done: " + " ".join(parts))
 
 
+def describe_error(exc: BaseException) -> str:
+    """One line, in words: distckpt's own message, or an OS error named by its file and cause (no class names)."""
+    from .errors import DistCkptError
+
+    if isinstance(exc, DistCkptError):
+        msg = str(exc)
+    elif isinstance(exc, MemoryError):
+        msg = f"out of memory ({exc}); the input claims more than this machine can hold"
+    elif isinstance(exc, OSError):
+        what = (exc.strerror or os.strerror(exc.errno)) if exc.errno else (exc.strerror or str(exc))
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            what = "no space left on the destination device (or quota exceeded)"
+        where = exc.filename if exc.filename is not None else ""
+        msg = f"{where}: {what}" if where else str(what or exc)
+    else:
+        msg = str(exc) or type(exc).__name__
+    return " ".join(msg.split())
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .errors import UsageError
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    sub = _subparser(parser, args.command)
+    if extra:
+        sub.error(f"unrecognized arguments: {' '.join(extra)}")  # the subcommand's usage, exit 2
+    from .storage import handle_termination
+
     try:
-        return _run(args)
+        with handle_termination():
+            return _run(args)
+    except UsageError as exc:
+        if getattr(args, "debug", False):
+            raise
+        sub.print_usage(sys.stderr)
+        print(f"{sub.prog}: error: " + describe_error(exc), file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+        return 0
     except Exception as exc:  # noqa: BLE001 - the CLI never shows a traceback without --debug
         if getattr(args, "debug", False):
             raise
-        from .errors import DistCkptError
-
-        msg = str(exc) if isinstance(exc, DistCkptError) else f"{type(exc).__name__}: {exc}"
-        print("error: " + " ".join(msg.split()), file=sys.stderr)
+        print("error: " + describe_error(exc), file=sys.stderr)
         return 1
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    return parser
+
+
+def _quiet_broken_pipe() -> None:
+    """The reader went away: stop writing, and keep Python from complaining at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

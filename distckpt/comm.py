@@ -213,6 +213,11 @@ class Communicator(abc.ABC):
             raise DistributedError(_failure_message(f"allgather {name!r} (value is not JSON-serializable)", failures), failures)
         return values
 
+    def gather(self, obj: Any, name: str, *, root: int = 0, timeout: float | None = None) -> list | None:
+        """Every rank's ``obj`` on ``root`` (None elsewhere).  (Interim: built on allgather.)"""
+        vals = self.allgather(obj, name, timeout=timeout)
+        return vals if self.rank == root else None
+
     def broadcast(self, obj: Any, root: int = 0, name: str = "broadcast", *, timeout: float | None = None) -> Any:
         """Root's ``obj`` on every rank (``obj`` is ignored on the other ranks)."""
         self._check_root(root, name)

@@ -21,6 +21,7 @@ __all__ = [
     "from_ckpt_name",
     "safetensors_name",
     "from_safetensors_name",
+    "byteview",
 ]
 
 # canonical name -> (numpy dtype, MindSpore .ckpt tensor_type or None, safetensors dtype)
@@ -95,3 +96,10 @@ def from_safetensors_name(st: str, *, where: str = "") -> str:
         return _BY_ST[st]
     except KeyError:
         raise FormatError(f"unsupported safetensors dtype {st!r}{where}") from None
+
+
+def byteview(arr: np.ndarray) -> memoryview:
+    """The bytes of a C-contiguous array as a flat memoryview, without a copy (empty arrays too)."""
+    if not arr.size:
+        return memoryview(b"")
+    return memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]

@@ -20,6 +20,9 @@ __all__ = [
     "ConfigError",
     "DownloadError",
     "MissingDependencyError",
+    "NotFoundError",
+    "UsageError",
+    "OutOfSpaceError",
 ]
 
 
@@ -39,7 +42,11 @@ class StrategyError(DistCkptError, ValueError):
     """A parallel strategy file is malformed or does not fit the tensors."""
 
 
-class NotCommittedError(DistCkptError, FileNotFoundError):
+class NotFoundError(DistCkptError, FileNotFoundError):
+    """A path, file or tensor that was named does not exist."""
+
+
+class NotCommittedError(NotFoundError):
     """A path holds no committed checkpoint (no index)."""
 
 
@@ -49,6 +56,10 @@ class ChecksumError(DistCkptError, ValueError):
 
 class StorageError(DistCkptError, OSError):
     """A storage operation failed after retries."""
+
+
+class OutOfSpaceError(StorageError):
+    """The destination ran out of space (ENOSPC, EDQUOT) while writing."""
 
 
 class DestinationExistsError(DistCkptError, FileExistsError):
@@ -65,6 +76,10 @@ class DistributedError(DistCkptError, RuntimeError):
 
 class ConfigError(DistCkptError, ValueError):
     """A YAML job config or option is invalid."""
+
+
+class UsageError(DistCkptError, TypeError, ValueError):
+    """The caller passed options that cannot work together or a wrong argument; the CLI exits 2."""
 
 
 class DownloadError(DistCkptError, FileNotFoundError):

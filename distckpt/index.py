@@ -8,14 +8,15 @@ before it is used: names, offsets, sizes, byte counts, checksums.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import dtypes
+from . import dtypes, jsonutil
 from .errors import FormatError, LayoutError
 from .layout import Box, check_tiling
+from .naming import INDEX_NAME
+from .plan import ChunkLookup
 from .storage import safe_name
 
 __all__ = [
@@ -30,7 +31,6 @@ __all__ = [
     "decode_value",
 ]
 
-INDEX_NAME = "distckpt.index.json"
 FORMAT = "distckpt"
 VERSION = 1
 MAX_INDEX_BYTES = 1 << 30
@@ -80,6 +80,14 @@ class Chunk:
 
 @dataclass(frozen=True)
 class TensorInfo:
+    """One tensor of a checkpoint: dtype, global shape, and the chunks that tile it.
+
+    Readers ask :meth:`overlapping` for the chunks a box touches; it binary-searches
+    a lookup built once per tensor (not once per read).  A columnar index
+    (version 2) provides the same method over its table without building a
+    Python object per chunk.
+    """
+
     name: str
     dtype: str
     shape: tuple[int, ...]
@@ -88,6 +96,14 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * dtypes.itemsize(self.dtype)
+
+    def overlapping(self, box: Box) -> list[tuple[int, Chunk, Box]]:
+        """``(chunk number, chunk, intersection)`` for every chunk that overlaps ``box``."""
+        lookup = self.__dict__.get("_lookup")
+        if lookup is None:
+            lookup = ChunkLookup([c.box for c in self.chunks])
+            object.__setattr__(self, "_lookup", lookup)
+        return [(i, self.chunks[i], inter) for i, inter in lookup.overlapping(box)]
 
     @property
     def itemsize(self) -> int:
@@ -197,15 +213,11 @@ class Index:
         }
 
     def dumps(self) -> bytes:
-        return json.dumps(self.to_json(), separators=(",", ":"), allow_nan=False).encode()
+        return jsonutil.dumps(self.to_json(), separators=(",", ":")).encode()
 
     @classmethod
     def loads(cls, data: bytes, *, where: str = INDEX_NAME) -> Index:
-        try:
-            doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise FormatError(f"{where}: index is not valid JSON ({exc})") from None
-        return cls.from_json(doc, where=where)
+        return cls.from_json(jsonutil.loads(data, where=f"{where}: index"), where=where)
 
     @classmethod
     def from_json(cls, doc: Any, *, where: str = INDEX_NAME) -> Index:

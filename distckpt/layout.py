@@ -43,6 +43,7 @@ __all__ = [
     "Strategy",
     "check_tiling",
     "full_box",
+    "box_of",
 ]
 
 
@@ -317,6 +318,30 @@ class TensorLayout:
             out[:, 0] = out[:, 0] * self.opt_shard_size + opt
         return out
 
+    def replica_index(self, rank: int) -> tuple[int, int]:
+        """``(g, j)``: ``rank``'s box is held by ``g`` ranks of its stage, and ``rank`` is the ``j``-th of them.
+
+        Closed form (no enumeration of the world): the ranks holding one box
+        differ only in their coordinates on the device axes that neither the
+        tensor map nor the optimizer shard uses, and in the part of a
+        partially used optimizer axis that the shard does not take
+        (``coordinate // modulus``).  ``j`` is the mixed-radix number of those
+        coordinates, so the ``g`` holders are numbered ``0..g-1`` in rank order.
+        """
+        dm = self.dev_matrix
+        coords = np.unravel_index(int(rank) % self.device_num, dm)
+        mapped = {len(dm) - 1 - a for axes in self.tensor_map for a in axes}
+        opt = dict(self._opt_axes)
+        g, j = 1, 0
+        for i, n in enumerate(dm):
+            if i in mapped:
+                continue
+            c = int(coords[i])
+            if i in opt:
+                n, c = n // opt[i], c // opt[i]
+            g, j = g * n, j * n + c
+        return g, j
+
     def box(self, rank: int, shape: Sequence[int]) -> Box:
         """The part of a tensor of global ``shape`` that ``rank`` holds."""
         shape = tuple(shape)
@@ -413,6 +438,13 @@ class Strategy:
             return None
         return spec.layout.box(rank, shape)
 
+    def replica_index(self, name: str, rank: int) -> tuple[int, int]:
+        """``(g, j)``: ``g`` ranks (over every stage holding ``name``) hold ``rank``'s box; ``rank`` is the ``j``-th."""
+        spec = self.params[name]
+        g, j = spec.layout.replica_index(rank)
+        pos = spec.stages.index(self.stage_of(rank))
+        return g * len(spec.stages), pos * g + j
+
     def ranks_holding(self, name: str) -> np.ndarray:
         spec = self.params[name]
         return np.concatenate(
@@ -470,3 +502,13 @@ def _block_groups(layout: TensorLayout, stages: tuple[int, ...], stage_device_nu
         members.append(m)
     uniq.setflags(write=False)
     return uniq, tuple(members)
+
+
+def box_of(strategy: Strategy | None, name: str, shape: Sequence[int], rank: int) -> Box | None:
+    """The box of tensor ``name`` (global ``shape``) that ``rank`` holds: all of it when the strategy
+    does not name it, None when the rank's pipeline stage does not hold it."""
+    if strategy is None or name not in strategy:
+        return full_box(shape)
+    if not strategy.holds(name, rank):
+        return None
+    return strategy.params[name].layout.box(rank, shape)

@@ -126,7 +126,7 @@ class CheckpointManager:
         self.wait()  # at most one save in flight; surfaces a background error here
         if not force and not self.should_save(step):
             return False
-        meta = {"step": int(step)}
+        meta: dict[str, Any] = {"step": int(step)}
         if metrics is not None:
             meta["metrics"] = dict(metrics)
         if self.async_save:
@@ -142,7 +142,7 @@ class CheckpointManager:
 
     def _stage(self, state: Mapping[str, Any]) -> dict | None:
         """Copy arrays into host memory so training may change them; None when over the cap."""
-        from .api import _as_numpy
+        from .state import as_array as _as_numpy
 
         total = 0
         staged: dict[str, Any] = {}
@@ -264,3 +264,21 @@ class CheckpointManager:
         finally:
             with self._lock:
                 self._reading[step] -= 1
+
+
+def list_checkpoints(root, *, storage_options: dict | None = None) -> dict:
+    """What ``distckpt list ROOT`` shows: the committed steps of a CheckpointManager root.
+
+    Returns ``{"root", "steps", "latest", "entries": [{"name", "step", "state", "line"}]}``;
+    a ROOT that does not exist is an error.
+    """
+    from .errors import NotFoundError
+
+    store = open_storage(root, storage_options)
+    if not store.exists():
+        raise NotFoundError(f"{root}: no such directory")
+    if not store.isdir():
+        raise NotFoundError(f"{root}: is a file; list takes the root directory of a CheckpointManager")
+    steps = CheckpointManager(root, storage_options=storage_options).all_steps()
+    entries = [{"name": str(s), "step": s, "state": "committed", "line": str(s)} for s in steps]
+    return {"root": os.fspath(root), "steps": steps, "latest": steps[-1] if steps else None, "entries": entries}

@@ -1,11 +1,17 @@
 """Plans are data: who writes which chunk, and which bytes a read needs.
 
-Everything here is pure (no I/O).  The executors in ``distckpt.io`` and
-``distckpt.api`` carry plans out.
+Everything here is pure (no I/O).  :mod:`distckpt.execute` carries plans out;
+the verbs in :mod:`distckpt.api` make them.  Decisions made here, once:
 
-* :func:`plan_save` -- from the layout alone, which rank writes each distinct
-  box of each tensor; replicas are written once, spread round-robin over each
-  replica set, deterministically, without moving tensor data between ranks.
+* :func:`check_fit` -- does a strategy fit a checkpoint's tensors (dims,
+  divisibility, its own ``tensor_shape``), and which of its parameters the
+  checkpoint lacks;
+* :func:`plan_writes` -- which boxes *this* rank writes, in closed form from the
+  layout (no enumeration of the world): each distinct box is written once, by
+  one of the ranks holding it, chosen so that bytes (not counts) balance;
+* :func:`plan_save` -- the same decision for every rank at once (offline
+  writers, tests);
+* :func:`plan_load` -- the boxes a rank needs from a checkpoint.
 * :func:`overlapping_chunks` -- the chunks of a tensor a target box touches,
   by binary search on dim 0: O((L + C) log C) over a whole load.
 * :func:`plan_box_reads` -- for one (chunk, box) pair, the byte requests to
@@ -21,12 +27,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import LayoutError
-from .layout import Box, Strategy, full_box
+from . import dtypes
+from .errors import DistCkptError, LayoutError, StrategyError
+from .layout import Box, Strategy, box_of
 
 __all__ = [
     "WriteItem",
+    "plan_writes",
     "plan_save",
+    "check_fit",
+    "LoadItem",
+    "plan_load",
     "ChunkLookup",
     "ReadRequest",
     "BoxRead",
@@ -49,37 +60,133 @@ class WriteItem:
     writer: int
 
 
+def _class_key(strategy: Strategy | None, name: str, world_size: int) -> tuple:
+    if strategy is not None and name in strategy:
+        return ("stages", strategy.params[name].stages)
+    return ("all",)
+
+
+def _replica(strategy: Strategy | None, name: str, rank: int, world_size: int) -> tuple[int, int]:
+    if strategy is not None and name in strategy:
+        return strategy.replica_index(name, rank)
+    return world_size, rank
+
+
+def _assign(items: list[tuple[str, int, int]], key: tuple) -> dict[str, int]:
+    """Greedy by bytes within one replica class: ``items`` are (name, box bytes, group size g);
+    each box goes to the least-loaded replica index; largest first (LPT), ties rotated by class."""
+    loads: dict[int, np.ndarray] = {}
+    out: dict[str, int] = {}
+    rot = sum(map(ord, repr(key))) if items else 0
+    for name, nbytes, g in sorted(items, key=lambda x: (-x[1], x[0])):
+        load = loads.setdefault(g, np.zeros(g, dtype=np.int64))
+        order = (np.arange(g) + rot) % g
+        j = int(order[np.argmin(load[order])])
+        load[j] += max(nbytes, 1)
+        out[name] = j
+    return out
+
+
+def plan_writes(
+    tensors: Mapping[str, tuple[str, tuple[int, ...]]],
+    strategy: Strategy | None,
+    world_size: int,
+    rank: int,
+) -> list[WriteItem]:
+    """The boxes ``rank`` writes, from the layout alone, without enumerating the world.
+
+    ``tensors`` maps name -> (dtype, global shape) of the tensors this rank holds
+    (tensors the strategy does not name are full replicas on every rank).  The
+    ranks holding one box form its replica group; every member numbers the group
+    in closed form (:meth:`Strategy.replica_index`).  Within a replica class --
+    the tensors held by the same pipeline stages (or by every rank) -- boxes are
+    handed to replica indices greedily by bytes, so every member of a group,
+    which holds every tensor of the class, computes the same assignment.
+    """
+    classes: dict[tuple, list[tuple[str, int, int]]] = {}
+    mine: dict[str, tuple[int, int, tuple]] = {}
+    for name in sorted(tensors):
+        dtype, shape = tensors[name]
+        box = box_of(strategy, name, shape, rank)
+        if box is None:
+            continue
+        g, j = _replica(strategy, name, rank, world_size)
+        key = _class_key(strategy, name, world_size)
+        classes.setdefault(key, []).append((name, box.numel * dtypes.itemsize(dtype), g))
+        mine[name] = (g, j, key)
+    picks: dict[str, int] = {}
+    for key, items in classes.items():
+        picks.update(_assign(items, key))
+    out = []
+    for name, (_g, j, _key) in mine.items():
+        if picks[name] == j:
+            dtype, shape = tensors[name]
+            box = box_of(strategy, name, shape, rank)
+            assert box is not None
+            out.append(WriteItem(name, dtype, tuple(shape), box, rank))
+    return out
+
+
 def plan_save(
     tensors: Mapping[str, tuple[str, tuple[int, ...]]],
     strategy: Strategy | None,
     world_size: int,
 ) -> list[WriteItem]:
-    """Assign every distinct box to one writer.
+    """Every rank's :func:`plan_writes` at once (offline writers and tests): each distinct box once."""
+    out: list[WriteItem] = []
+    for r in range(world_size):
+        held = {n: v for n, v in tensors.items() if strategy is None or n not in strategy or strategy.holds(n, r)}
+        out.extend(plan_writes(held, strategy, world_size, r))
+    return out
 
-    ``tensors`` maps name -> (dtype, global shape).  Tensors absent from the
-    strategy (or all tensors, without one) are full replicas on every rank.
-    Each replica set (the ranks holding one box) hands its boxes out in turn,
-    in name order, so writes spread evenly and every rank computes the same
-    plan from the layout alone.
+
+def check_fit(strategy: Strategy, shapes: Mapping[str, tuple[int, ...]], *, what: str = "strategy") -> list[str]:
+    """Check every parameter of ``strategy`` that ``shapes`` holds fits it; return the parameters ``shapes`` lacks.
+
+    A parameter fits when it has as many dims as the layout's tensor map, every
+    dim divides by its split count, and the strategy's own ``tensor_shape`` (if
+    any) is the tensor's shape.
     """
-    turn: dict[tuple[bytes, int], int] = {}
-    everyone = np.arange(world_size, dtype=np.int64)
-    items: list[WriteItem] = []
+    missing = []
+    for name, spec in strategy.params.items():
+        shape = shapes.get(name)
+        if shape is None:
+            missing.append(name)
+            continue
+        if spec.shape is not None and tuple(spec.shape) != tuple(shape):
+            raise StrategyError(
+                f"{what} does not fit the checkpoint: tensor {name!r} has shape {list(shape)} but the strategy's "
+                f"tensor_shape says {list(spec.shape)}"
+            )
+        try:
+            spec.layout.validate(shape, name)
+        except DistCkptError as exc:
+            raise StrategyError(f"{what} does not fit the checkpoint: {exc}") from None
+    return missing
 
-    def pick(ranks: np.ndarray) -> int:
-        key = (np.ascontiguousarray(ranks[:64], dtype=np.int64).tobytes(), len(ranks))
-        k = turn.get(key, 0)
-        turn[key] = k + 1
-        return int(ranks[k % len(ranks)])
 
-    for name in sorted(tensors):
-        dtype, shape = tensors[name]
-        if strategy is not None and name in strategy:
-            for box, ranks in strategy.replica_groups(name, shape):
-                items.append(WriteItem(name, dtype, tuple(shape), box, pick(np.sort(ranks))))
-        else:
-            items.append(WriteItem(name, dtype, tuple(shape), full_box(shape), pick(everyone)))
-    return items
+@dataclass(frozen=True)
+class LoadItem:
+    """Read ``box`` of tensor ``name`` (global ``shape``)."""
+
+    name: str
+    shape: tuple[int, ...]
+    box: Box
+
+
+def plan_load(
+    shapes: Mapping[str, tuple[int, ...]], strategy: Strategy | None, rank: int, names=None
+) -> list[LoadItem]:
+    """The boxes ``rank`` holds under ``strategy`` (checked with :func:`check_fit` first), in ``shapes`` order."""
+    want = set(names) if names is not None else None
+    out = []
+    for name, shape in shapes.items():
+        if want is not None and name not in want:
+            continue
+        box = box_of(strategy, name, shape, rank)
+        if box is not None:
+            out.append(LoadItem(name, tuple(shape), box))
+    return out
 
 
 class ChunkLookup:

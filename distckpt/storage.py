@@ -723,3 +723,67 @@ def open_storage(path, storage_options: dict | None = None) -> Storage:
     if isinstance(path, Storage):
         return path
     return Storage(os.fspath(path), storage_options)
+
+
+#: The name the rest of the package uses (the storage package makes Store the abstract base).
+Store = Storage
+
+
+def find_staging_debris(store: Storage) -> list[str]:  # replaced by the storage package
+    return []
+
+
+class Staging:  # interim; the storage package replaces it (same interface)
+    """Build an output beside DST, move it into place on success."""
+
+    def __init__(self, dst, *, kind: str = "dir", overwrite: bool = False, storage_options: dict | None = None,
+                 marker: dict | None = None):
+        from .errors import DestinationExistsError
+
+        self.dst = os.fspath(dst)
+        self.kind = kind
+        parent, base = split_url(self.dst)
+        self.parent = open_storage(parent, storage_options)
+        self.base = base
+        if self.parent.exists(base) and not overwrite:
+            raise DestinationExistsError(f"{self.dst} already exists; pass --overwrite to replace it")
+        self.tmp_name = f".{base}.tmp-{uuid.uuid4().hex[:8]}"
+
+    def __enter__(self):
+        if self.kind == "file":
+            self.parent.makedirs()
+            self.store = self.parent
+            self.name = self.tmp_name
+        else:
+            self.store = self.parent.sub(self.tmp_name)
+            self.store.makedirs()
+            self.name = ""
+        return self
+
+    def __exit__(self, et, ev, tb):
+        if et is not None:
+            self.parent.remove([self.tmp_name])
+            return False
+        self.parent.replace(self.tmp_name, self.base, commit_last="distckpt.index.json")
+        return False
+
+
+import contextlib  # noqa: E402
+import signal  # noqa: E402
+
+
+@contextlib.contextmanager
+def handle_termination():  # interim; the storage package replaces it
+    """SIGTERM raises KeyboardInterrupt in the main thread while the block runs (so staging cleans up)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)

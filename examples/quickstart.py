@@ -196,7 +196,7 @@ def phase_resume(args) -> None:
     comm = _mpi()
     rank, size = comm.Get_rank(), comm.Get_size()
     strat_path = os.path.join(args.out, f"strategy_tp{size}.ckpt")
-    stats = distckpt.io.ReadStats()
+    stats = distckpt.execute.ReadStats()
     state = distckpt.load(os.path.join(args.out, "ckpt_tp2"), strategy=strat_path, stats=stats)
     step = int(state.pop("step"))
     expected = dict(np.load(os.path.join(args.out, "expected_full.npz")))

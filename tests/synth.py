@@ -364,7 +364,7 @@ def write_native(
             ms.save_checkpoint([{"name": n, "data": _ms_tensor(a)} for n, a in entries], fname)
         else:
             from distckpt import dtypes
-            from distckpt.formats.ckpt import CkptWriter
+            from distckpt.codecs.ckpt import CkptWriter
 
             with open(fname, "wb") as f, CkptWriter(f) as w:
                 for n, a in entries:
@@ -374,7 +374,7 @@ def write_native(
 
 def read_ckpt_raw(path: str) -> dict[str, np.ndarray]:
     """A ``.ckpt`` file's tensors with their stored dtype, by distckpt's pure-Python reader."""
-    from distckpt.formats.ckpt import read_entry, scan_ckpt
+    from distckpt.codecs.ckpt import read_entry, scan_ckpt
 
     out = {}
     size = os.path.getsize(path)

@@ -321,7 +321,7 @@ def test_source_shape_not_divisible(tmp_path, capsys):
     strat = make_strategy({"w": ([2], [0])})
     sf = str(tmp_path / "s.ckpt")
     save_strategy(strat, sf)
-    from distckpt.formats.ckpt import CkptWriter
+    from distckpt.codecs.ckpt import CkptWriter
 
     for r, rows in ((0, 3), (1, 2)):
         os.makedirs(tmp_path / "src" / f"rank_{r}")
@@ -365,16 +365,25 @@ def test_unreadable_and_truncated_files(native, capsys):
 
 
 def test_rank_file_missing_a_parameter(native, capsys):
-    from distckpt.formats.ckpt import CkptWriter
+    """remove_redundancy checkpoints (issue 11 F.29): a slice missing from one rank is taken from a replica;
+    only a slice that no replica holds is an error, naming the parameter and the replica group."""
+    from distckpt.codecs.ckpt import CkptWriter
 
-    p = os.path.join(native["src"], "rank_2", "checkpoint_2.ckpt")
-    kept = {k: v for k, v in read_ckpt_raw(p).items() if k != "wo"}
-    with open(p, "wb") as f, CkptWriter(f) as w:
-        for k, v in kept.items():
-            w.add_tensor(k, str(v.dtype), v.shape, v)
+    def drop(rank):
+        p = os.path.join(native["src"], f"rank_{rank}", f"checkpoint_{rank}.ckpt")
+        kept = {k: v for k, v in read_ckpt_raw(p).items() if k != "wo"}
+        with open(p, "wb") as f, CkptWriter(f) as w:
+            for k, v in kept.items():
+                w.add_tensor(k, str(v.dtype), v.shape, v)
+
+    drop(2)  # rank 2 holds the same slice of 'wo' as rank 0 (dim 1 split over the right axis only)
     code, _, err = cli(capsys, "merge", native["src"], native["tmp"] / "m.ckpt", "--src-strategy", native["sf"])
-    assert_one_line_error(code, err, "rank 2", "'wo'", "rank_2")
-    assert not os.path.exists(native["tmp"] / "m.ckpt")
+    assert code == 0, err
+    assert same(read_ckpt_raw(str(native["tmp"] / "m.ckpt"))["wo"], native["full"]["wo"])
+    drop(0)  # now no replica holds that slice
+    code, _, err = cli(capsys, "merge", native["src"], native["tmp"] / "m2.ckpt", "--src-strategy", native["sf"])
+    assert_one_line_error(code, err, "'wo'", "rank_0", "rank_2")
+    assert not os.path.exists(native["tmp"] / "m2.ckpt")
 
 
 def test_src_not_a_checkpoint(tmp_path, capsys):

@@ -162,7 +162,7 @@ def test_get_comm_selection(monkeypatch):
 
 
 def test_core_import_does_not_import_mpi4py_or_mindspore():
-    code = "import distckpt.comm, distckpt.config, sys; print('mpi4py' in sys.modules, 'mindspore' in sys.modules)"
+    code = "import distckpt.comm, distckpt.jobconfig, sys; print('mpi4py' in sys.modules, 'mindspore' in sys.modules)"
     out = subprocess.run([PY, "-c", code], capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=LIMIT)
     assert out.stdout.split() == ["False", "False"], out.stderr
 

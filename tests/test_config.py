@@ -6,8 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from distckpt.config import SCHEMA, Field, default_config, load_config, merge_cli_overrides, parse_size, validate_config
 from distckpt.errors import ConfigError
+from distckpt.jobconfig import (
+    SCHEMA,
+    Field,
+    default_config,
+    load_config,
+    merge_cli_overrides,
+    parse_size,
+    validate_config,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
@@ -146,7 +154,7 @@ def test_parse_size_rejects(value):
 
 
 def test_schema_and_docstring_agree():
-    import distckpt.config as mod
+    import distckpt.jobconfig as mod
 
     for section, spec in SCHEMA.items():
         keys = [section] if isinstance(spec, Field) else [f"{section}.{k}" for k in spec]

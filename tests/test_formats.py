@@ -1,4 +1,4 @@
-"""distckpt.formats: MindSpore .ckpt and safetensors scanners, readers and writers.
+"""distckpt.codecs: MindSpore .ckpt and safetensors scanners, readers and writers.
 
 Round trips for every dtype, split values, CRC trailers, strings, scalars,
 hostile input (hypothesis), and differential tests with MindSpore and the
@@ -20,8 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from distckpt import dtypes
-from distckpt.errors import ChecksumError, FormatError
-from distckpt.formats import (
+from distckpt.codecs import (
     CkptWriter,
     Entry,
     SafetensorsWriter,
@@ -29,7 +28,8 @@ from distckpt.formats import (
     read_safetensors_header,
     scan_ckpt,
 )
-from distckpt.formats.ckpt import CRC_MAGIC, read_crc_trailer, verify_ckpt_crc
+from distckpt.codecs.ckpt import CRC_MAGIC, read_crc_trailer, verify_ckpt_crc
+from distckpt.errors import ChecksumError, FormatError
 
 CKPT_DTYPES = [d for d in dtypes.DTYPES if not d.startswith("float8")]
 FP8_DTYPES = [d for d in dtypes.DTYPES if d.startswith("float8")]

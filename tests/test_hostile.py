@@ -76,7 +76,7 @@ def test_hostile_index_is_refused(ckpt, mutate, needle):
 
 def test_huge_index_is_refused_without_reading(ckpt, monkeypatch):
     import distckpt.index as idx_mod
-    import distckpt.sources as src_mod
+    import distckpt.sources.distckpt as src_mod
 
     monkeypatch.setattr(src_mod, "MAX_INDEX_BYTES", 100)
     monkeypatch.setattr(idx_mod, "MAX_INDEX_BYTES", 100)
@@ -111,7 +111,7 @@ def test_safetensors_shape_disagrees_with_bytes(tmp_path):
 
 def test_ckpt_garbage_and_truncation(tmp_path):
     p = tmp_path / "m.ckpt"
-    from distckpt.formats.ckpt import CkptWriter
+    from distckpt.codecs.ckpt import CkptWriter
 
     with open(p, "wb") as f:
         w = CkptWriter(f)

@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 
 import distckpt
-from distckpt._proto import field_len, field_varint
 from distckpt.cli import main as cli_main
+from distckpt.codecs.ckpt import CkptWriter
+from distckpt.codecs.proto import field_len, field_varint
 from distckpt.errors import (
     ConfigError,
     DestinationExistsError,
@@ -34,7 +35,6 @@ from distckpt.errors import (
     StorageError,
     StrategyError,
 )
-from distckpt.formats.ckpt import CkptWriter
 from distckpt.index import INDEX_NAME
 from distckpt.layout import MAX_DEVICES, ParamSpec, Strategy, TensorLayout
 from distckpt.strategy import load_strategy
@@ -460,7 +460,9 @@ def test_native_rank_dirs(tmp_path, capsys):
     code, _, err = _cli(capsys, "merge", src, tmp_path / "o.ckpt")
     _clean(code, err, "8 ranks", "rank_0..rank_3", "rank_4", "strategy")
     src = _native(tmp_path / "b", range(4), 4)
-    (src / "rank_99999999999").mkdir()  # an extra rank beyond the strategy is ignored
+    (src / "rank_99999999999").mkdir()  # more rank directories than the strategy's ranks: refused (issue 11 A.2)
+    _refused(StrategyError, lambda: distckpt.load(src), "5 rank directories", "4 ranks")
+    (src / "rank_99999999999").rmdir()
     assert distckpt.load(src)["w"].shape == (8, 4)
     (src / "rank_2" / "checkpoint_2.ckpt").unlink()
     _refused(FormatError, lambda: distckpt.load(src), "rank_2", "no .ckpt")
@@ -617,7 +619,7 @@ def test_overwrite_replaces_only_on_success(tmp_path, ck, capsys):
         (["merge", "{ck}", "{tmp}/o", "--max-shard-size", "1" + "0" * 5000], 1, "--max-shard-size"),
         (["merge", "{ck}", "{tmp}/o", "--format", "zip"], 2, "invalid choice"),
         (["reshard", "{ck}", "{tmp}/o", "--format", "zip", "--dst-strategy", "x"], 2, "invalid choice"),
-        (["reshard", "{ck}", "{tmp}/o"], 1, "--dst-strategy"),
+        (["reshard", "{ck}", "{tmp}/o"], 2, "--dst-strategy"),  # a missing required option is a usage error (11 D.19)
         (["reshard", "{ck}", "{tmp}/o", "--dst-strategy", "{tmp}/nope.json"], 1, "nope.json"),
     ],
 )
@@ -626,8 +628,8 @@ def test_cli_option_garbage(tmp_path, ck, capsys, args, code_wanted, needle):
     code, _, err = _cli(capsys, *args)
     assert code == code_wanted, err
     assert needle in err and "Traceback" not in err
-    if code == 1 and "nope.json" in needle:  # a missing file stays a FileNotFoundError (named, one line)
-        assert err.startswith("error: FileNotFoundError: strategy file not found") and len(err.splitlines()) == 1
+    if code == 1 and "nope.json" in needle:  # a missing file: named, in words, one line (no class names, 11 D.17)
+        assert err.startswith("error: strategy file not found") and len(err.splitlines()) == 1
     elif code == 1:
         _clean(code, err, needle)
     assert not (tmp_path / "o").exists()

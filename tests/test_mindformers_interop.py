@@ -142,7 +142,7 @@ def test_distributed_save_reshard_merge_loads_in_mindformers(mf, tmp_path):
         target = _rank_cell(mf, s2, full, r, fill="zeros")
         assert load_pretrained(target, ckpt, strategy=s2, rank=r, strict=True) == ([], [])
         _assert_same(cell_state(target), {n: np_slice(a, s2.params[n].layout, r) for n, a in full.items()})
-    stats = distckpt.io.ReadStats()
+    stats = distckpt.execute.ReadStats()
     distckpt.load(ckpt, strategy=s2, rank=1, stats=stats)
     need = sum(np_slice(a, s2.params[n].layout, 1).nbytes for n, a in full.items())
     assert stats.bytes_needed == need

@@ -13,7 +13,7 @@ import pytest
 
 from distckpt import api
 from distckpt.errors import StorageError
-from distckpt.io import ReadStats
+from distckpt.execute import ReadStats
 from distckpt.layout import ParamSpec, Strategy, TensorLayout
 from distckpt.storage import Storage, open_storage
 
@@ -193,9 +193,12 @@ def test_commit_is_one_put_after_the_data(s3_server):
         elif (m == "POST" and "delete" in q) or (m == "DELETE" and p.startswith(mine)):
             events.append(("delete", ""))
     puts = [name for kind, name in events if kind == "put"]
-    assert len(puts) == 2 and puts[0].startswith("data-") and puts[1] == "distckpt.index.json", events
+    # the save marker (gc's proof, issue 11 B.11) first, then the data, then the index in one PUT
+    assert len(puts) == 3 and puts[0].startswith(".distckpt-save-") and puts[1].startswith("data-"), events
+    assert puts[2] == "distckpt.index.json", events
     first_delete = next(i for i, e in enumerate(events) if e[0] == "delete")
     assert first_delete > events.index(("put", "distckpt.index.json")), events
+    assert open_storage(url).listdir() == sorted(["distckpt.index.json", puts[1]])  # old data and the marker are gone
     assert np.array_equal(api.load(url)["a"], np.zeros(1000, np.float32))
     assert len([n for n in open_storage(url).listdir() if n.startswith("data-")]) == 1
 

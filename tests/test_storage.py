@@ -17,9 +17,10 @@ import faulty  # noqa: E402
 from distckpt import api  # noqa: E402
 from distckpt.cli import main as cli_main  # noqa: E402
 from distckpt.errors import ChecksumError, DistCkptError, NotCommittedError, StorageError  # noqa: E402
+from distckpt.execute import ReadStats  # noqa: E402
 from distckpt.index import INDEX_NAME, Index  # noqa: E402
-from distckpt.io import ReadStats  # noqa: E402
 from distckpt.layout import ParamSpec, Strategy, TensorLayout  # noqa: E402
+from distckpt.saving import SaveJob  # noqa: E402
 from distckpt.storage import Storage, env_storage_options, merge_options, open_storage  # noqa: E402
 from distckpt.strategy import dump_strategy_proto  # noqa: E402
 from distckpt.testing import check_roundtrip, check_storage_contract, sample_state  # noqa: E402
@@ -172,13 +173,19 @@ def test_failed_commit_keeps_old_and_gc_removes_only_debris(storage_url, monkeyp
     monkeypatch.setattr(Storage, "put_atomic", broken)
     with pytest.raises(DistCkptError, match="index PUT failed"):
         api.save({"a": np.zeros(5, np.float32)}, base)
+    # a failed save takes its data file and its marker with it: nothing is left to clean
+    assert set(st.listdir()) == before
+    # a save killed before it could clean up leaves its marker and data file: gc proves and removes exactly those
+    monkeypatch.setattr(SaveJob, "_discard", lambda *a: None)
+    with pytest.raises(DistCkptError, match="index PUT failed"):
+        api.save({"a": np.zeros(5, np.float32)}, base)
     monkeypatch.undo()
     assert st.read_bytes(INDEX_NAME) == index_bytes
     assert np.array_equal(api.load(base)["a"], np.ones(5, np.float32))
     debris = set(st.listdir()) - before
-    assert len(debris) == 1 and debris.pop().startswith("data-")
-    assert api.gc(base, dry_run=True) == api.gc(base)
-    assert set(st.listdir()) == before
+    assert len(debris) == 2 and {n.split("-")[0] for n in debris} == {"data", ".distckpt"}, debris
+    assert api.gc(base, dry_run=True) == api.gc(base) == sorted(debris)
+    assert set(st.listdir()) == before  # config.json and the committed save untouched
     assert np.array_equal(api.load(base)["a"], np.ones(5, np.float32))
 
 
@@ -335,10 +342,9 @@ def test_persistent_fault_on_a_fresh_path_leaves_nothing_loadable(plan, fast_ret
     with pytest.raises(DistCkptError):
         api.save({"a": np.ones(4, np.float32)}, "faulty://f/c")
     plan.reset()
-    with pytest.raises(NotCommittedError, match="not a committed checkpoint"):
+    with pytest.raises(NotCommittedError, match="not a checkpoint"):
         api.load("faulty://f/c")
-    assert len(api.gc("faulty://f/c")) == 1
-    assert open_storage("faulty://f/c").listdir() == []
+    assert open_storage("faulty://f/c").listdir() == []  # the failed save removed what it wrote
 
 
 def test_persistent_read_fault_fails_loudly(plan, fast_retries):
@@ -356,7 +362,8 @@ def test_silent_corruption_is_caught_by_checksums(plan):
     with pytest.raises(ChecksumError, match="checksum mismatch"):
         api.load("faulty://c/c")
     plan.reset()
-    plan.fail("write", k=2, corrupt=True, match="data-")  # a flipped bit on the way (write 1 is the header)
+    # a flipped bit on the way: write 1 is the save marker, write 2 the data file's header, write 3 its data
+    plan.fail("write", k=3, corrupt=True, match="data-")
     api.save({"a": a}, "faulty://c/d")
     plan.reset()
     with pytest.raises(ChecksumError):

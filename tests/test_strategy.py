@@ -13,8 +13,9 @@ from mindspore.parallel._parallel_serialization import _convert_to_list
 from mindspore.parallel._tensor import _extract_layout_item, _get_tensor_strategy
 from mindspore.train import node_strategy_pb2 as P
 
-from distckpt import _proto as pb
 from distckpt import strategy as S
+from distckpt.codecs import proto as pb
+from distckpt.codecs import strategy as CS
 from distckpt.errors import FormatError, StrategyError
 from distckpt.layout import ParamSpec, Strategy, TensorLayout
 
@@ -332,7 +333,7 @@ def test_writer_refuses_ambiguous_names():
 
 def test_conflicting_layouts_across_stages():
     data = S.dump_merged_strategy_proto(strat(spec("w", (4,), (0,), stages=(0,)), spec("v", (4,), (0,), stages=(1,))))
-    data += pb.field_len(3, pb.field_len(1, "1-w") + pb.field_len(2, S._enc_layouts(TensorLayout((4,), (-1,)), 0)))
+    data += pb.field_len(3, pb.field_len(1, "1-w") + pb.field_len(2, CS._enc_layouts(TensorLayout((4,), (-1,)), 0)))
     with pytest.raises(StrategyError, match=r"merged\.ckpt.*'w'.*different layouts"):
         S.parse_strategy(data, name="merged.ckpt")
 

@@ -13,6 +13,7 @@ The YAML names the model class (``model.arch.type``) and the config class
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any, Optional
 
 from ..errors import ConfigError
@@ -41,7 +42,8 @@ def _config_class_for(found) -> Optional[type]:
     return None
 
 
-def _subclasses(cls: type):
+def _subclasses(cls: type) -> Iterator[type]:
+    sub: type
     for sub in cls.__subclasses__():
         yield sub
         yield from _subclasses(sub)

@@ -16,7 +16,8 @@ import os
 from collections.abc import Mapping
 from typing import Any, Optional
 
-from ..errors import ConfigError, DistCkptError
+from ..errors import ConfigError
+from ..mfconfig import CONFIG_NAME, read_config, yaml_bytes, yaml_module
 from ..storage import open_storage
 
 __all__ = [
@@ -29,8 +30,6 @@ __all__ = [
     "pop_download_kwargs",
 ]
 
-CONFIG_NAME = "config.json"
-MAX_CONFIG_BYTES = 16 << 20
 #: keyword arguments of ``from_pretrained`` that go to :func:`distckpt.hub.resolve`
 DOWNLOAD_KWARGS = (
     "hub_url",
@@ -187,79 +186,6 @@ class PretrainedConfig:
         AutoConfig.register(cls.model_type or cls.__name__, cls)
 
 
-# ------------------------------------------------------------------ reading
-class FoundConfig:
-    """A config read from a directory: field dict, architecture and config class names, and the file."""
-
-    def __init__(self, config: dict, arch: Optional[str], config_type: Optional[str], model_type: Optional[str], file: str):
-        self.config, self.arch, self.config_type, self.model_type, self.file = config, arch, config_type, model_type, file
-
-
-def _yaml():
-    from ..errors import require
-
-    return require("yaml", "mindspore")
-
-
-def yaml_bytes(doc: Mapping) -> bytes:
-    return _yaml().safe_dump(dict(doc), sort_keys=True).encode()
-
-
-def _parse_yaml(data: bytes, where: str) -> FoundConfig:
-    y = _yaml()
-    try:
-        doc = y.safe_load(data.decode("utf-8"))
-    except (UnicodeDecodeError, y.YAMLError) as exc:
-        raise ConfigError(f"{where}: not valid YAML ({exc})") from None
-    model = doc.get("model") if isinstance(doc, dict) else None
-    if not isinstance(model, dict) or not isinstance(model.get("model_config", {}), dict):
-        raise ConfigError(f"{where}: expected MindFormers' layout 'model: {{arch: {{type: ...}}, model_config: {{...}}}}'")
-    mc = dict(model.get("model_config") or {})
-    arch = (model.get("arch") or {}).get("type") if isinstance(model.get("arch"), dict) else None
-    ctype = mc.pop("type", None)
-    return FoundConfig(mc, arch, ctype, mc.get("model_type"), where)
-
-
-def _parse_json(data: bytes, where: str) -> FoundConfig:
-    try:
-        doc = json.loads(data)
-    except ValueError as exc:
-        raise ConfigError(f"{where}: not valid JSON ({exc})") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{where}: a config must be a JSON object")
-    archs = doc.get("architectures") or []
-    arch = archs[0] if isinstance(archs, list) and archs else None
-    return FoundConfig(dict(doc), arch, None, doc.get("model_type"), where)
-
-
-def read_config(path, *, save_name: Optional[str] = None, storage_options: Optional[dict] = None) -> FoundConfig:
-    """Read the model config of a directory (or a ``.yaml`` / ``.json`` file), local or fsspec URL.
-
-    In a directory: ``{save_name}.yaml``, else ``mindspore_model.yaml``, else the
-    first ``*.yaml`` by name, else ``config.json``.
-    """
-    raw = os.fspath(path)
-    if raw.endswith((".yaml", ".yml", ".json")):
-        from ..storage import split_url
-
-        parent, base = split_url(raw)
-        st = open_storage(parent, storage_options)
-        data = st.read_bytes(base, limit=MAX_CONFIG_BYTES)
-        return _parse_json(data, raw) if base.endswith(".json") else _parse_yaml(data, raw)
-    st = open_storage(raw, storage_options)
-    try:
-        names = st.listdir()
-    except (FileNotFoundError, DistCkptError):
-        names = []
-    yamls = sorted(n for n in names if n.endswith((".yaml", ".yml")))
-    for pick in ([f"{save_name}.yaml"] if save_name else []) + ["mindspore_model.yaml"] + yamls:
-        if pick in yamls:
-            return _parse_yaml(st.read_bytes(pick, limit=MAX_CONFIG_BYTES), st.child_url(pick))
-    if CONFIG_NAME in names:
-        return _parse_json(st.read_bytes(CONFIG_NAME, limit=MAX_CONFIG_BYTES), st.child_url(CONFIG_NAME))
-    raise ConfigError(f"{raw}: no model config (looked for *.yaml and {CONFIG_NAME}); names there: {sorted(names)[:10]}")
-
-
 # ------------------------------------------------------------ model configs
 def _mindformers_yaml(model: Any) -> Optional[dict]:
     """The YAML dict MindFormers' own ``save_pretrained`` writes, built by its own methods."""
@@ -310,7 +236,7 @@ def config_files_for(model: Any, save_name: str, *, yaml: bool, json_: bool) -> 
     if yaml:
         doc = _mindformers_yaml(model)
         if doc is not None:  # byte for byte what MindFormers writes (it uses yaml.dump)
-            out[f"{save_name}.yaml"] = _yaml().dump(doc).encode()
+            out[f"{save_name}.yaml"] = yaml_module().dump(doc).encode()
         else:
             if isinstance(cfg, PretrainedConfig):
                 doc = cfg.to_yaml_dict(type(model).__name__)

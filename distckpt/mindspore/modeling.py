@@ -14,7 +14,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UsageError
 from .config import PretrainedConfig, pop_download_kwargs
 from .convert import from_numpy, to_numpy
 from .pretrained import default_checkpoint_save_folder, load_pretrained, save_pretrained
@@ -132,7 +132,7 @@ class PreTrainedModel(nn.Cell):
             if out_table is not table:
                 self._resized(out_table, int(new_num_tokens))
         self.set_input_embeddings(emb)
-        self.config.vocab_size = int(new_num_tokens)
+        self.config.vocab_size = int(new_num_tokens)  # type: ignore[attr-defined]
         return emb
 
     def prune_heads(self, heads_to_prune: Mapping[int, list[int]]) -> None:
@@ -185,7 +185,7 @@ class PreTrainedModel(nn.Cell):
         allowed = {"strategy", "comm", "max_shard_size", "storage_options"}
         bad = set(kwargs) - allowed
         if bad:
-            raise TypeError(f"save_pretrained got unexpected keyword argument(s) {sorted(bad)}")
+            raise UsageError(f"save_pretrained got unexpected keyword argument(s) {sorted(bad)}")
         self.config.architectures = [type(self).__name__]
         return save_pretrained(self, save_directory, save_name, **kwargs)
 

@@ -22,24 +22,22 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import uuid
 from collections.abc import Mapping
 from typing import Any, Optional
 
 import numpy as np
 
-from .. import dtypes
-from ..errors import DistributedError, FormatError, StrategyError
-from ..index import INDEX_NAME
-from ..storage import Storage, open_storage
+from .. import dtypes, naming
+from ..commit import distckpt_files
+from ..errors import DistributedError, FormatError, StrategyError, UsageError
+from ..storage import open_storage
+from ..writers import OutItem, constant, write_sharded
 from .config import CONFIG_NAME, DOWNLOAD_KWARGS, config_files_for
 from .convert import cell_state, load_into_cell
 
 __all__ = ["save_pretrained", "load_pretrained", "default_checkpoint_save_folder", "SAVE_FOLDER_ENV"]
 
 SAVE_FOLDER_ENV = "DISTCKPT_CHECKPOINT_SAVE_FOLDER"
-_SHARD_RE = re.compile(r"^(?P<stem>.+)-\d{5}-of-\d{5}\.ckpt$")
 
 
 def default_checkpoint_save_folder() -> str:
@@ -58,69 +56,19 @@ def _env_rank() -> Optional[int]:
     return None
 
 
-def _write_file(storage: Storage, fname: str, write) -> None:
-    """Write ``fname`` through a temporary name, then move it into place."""
-    tmp = f".{fname}.tmp-{uuid.uuid4().hex[:8]}"
-    f = storage.open_write(tmp)
-    try:
-        write(f)
-        storage.close_durable(f)
-    except BaseException:
-        f.close()
-        storage.remove([tmp])
-        raise
-    if storage.is_local:
-        os.replace(storage.path(tmp), storage.path(fname))
-    else:
-        if storage.exists(fname):
-            storage.remove([fname])
-        storage.fs.mv(storage.path(tmp), storage.path(fname))
+def _items(state: Mapping[str, np.ndarray]) -> list[OutItem]:
+    return [OutItem(n, dtypes.name_of(a.dtype), tuple(a.shape), constant(a)) for n, a in state.items()]
 
 
-def _write_ckpt(storage: Storage, fname: str, state: Mapping[str, np.ndarray]) -> None:
-    from ..formats.ckpt import CkptWriter
-
-    def write(f):
-        w = CkptWriter(f, name=storage.child_url(fname))
-        for name, arr in state.items():
-            w.add_tensor(name, dtypes.name_of(arr.dtype), tuple(arr.shape), arr)
-        w.close()
-
-    _write_file(storage, fname, write)
-
-
-def _shards(state: Mapping[str, np.ndarray], limit: int) -> list[dict[str, np.ndarray]]:
-    """MindFormers' ``shard_checkpoint``: in state order, start a new shard when the next tensor would overflow."""
-    groups: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for name, arr in state.items():
-        n = int(arr.nbytes)
-        if groups[-1] and size + n > limit:
-            groups.append({})
-            size = 0
-        groups[-1][name] = arr
-        size += n
-    return groups
-
-
-def _stale_weights(names: list[str], save_name: str, keep: set[str], *, distckpt_files: bool) -> list[str]:
-    """Weight files of an older save of ``save_name`` in this directory.
-
-    The single-process layouts' files always; a distckpt save's index, data files
-    and manifests only with ``distckpt_files`` (a distributed save replaces its
-    own predecessor at commit).
-    """
+def _stale_weights(names: list[str], save_name: str, keep: set[str]) -> list[str]:
+    """Weight files of an older single-process save of ``save_name`` in this directory."""
     out = []
     for n in names:
         if n in keep:
             continue
-        m = _SHARD_RE.match(n)
-        if n in (f"{save_name}.ckpt", f"{save_name}.ckpt.index.json") or (m and m.group("stem") == save_name):
-            out.append(n)
-        elif distckpt_files and (
-            n == INDEX_NAME
-            or (n.startswith("data-") and n.endswith(".safetensors"))
-            or (n.startswith(".manifest-") and n.endswith(".json"))
+        m = naming.SHARD_FILE.match(n)
+        if n in (f"{save_name}.ckpt", naming.weight_index_file(save_name, "ckpt")) or (
+            m and m.group("stem") == save_name and m.group("ext") == "ckpt"
         ):
             out.append(n)
     return out
@@ -148,12 +96,13 @@ def save_pretrained(
     ``max_shard_size`` (``"5GB"``, bytes) applies to single-process saves only.
     Returns the directory.
     """
-    from ..api import _parse_size, save
+    from ..api import save
     from ..comm import get_comm
+    from ..jobconfig import size_option
     from ..strategy import load_strategy
 
     if not isinstance(save_name, str) or not save_name or "/" in save_name:
-        raise ValueError(f"save_name must be a plain file stem, got {save_name!r}")
+        raise UsageError(f"save_name must be a plain file stem, got {save_name!r}")
     directory = os.fspath(save_directory) if save_directory is not None else default_checkpoint_save_folder()
     c = get_comm(comm)
     strat = load_strategy(strategy, storage_options=storage_options) if strategy is not None else None
@@ -171,7 +120,7 @@ def save_pretrained(
                 storage.put_atomic(n, data)
 
         def cleanup():
-            storage.remove(_stale_weights(storage.listdir(), save_name, set(), distckpt_files=False))
+            storage.remove(_stale_weights(storage.listdir(), save_name, set()))
 
         if c.size > 1:
             c.run_on_root("save_pretrained.prepare", prepare)
@@ -193,35 +142,15 @@ def save_pretrained(
 
     state = cell_state(model)
     storage.makedirs()
-    limit = _parse_size(max_shard_size)
-    if limit is None:
-        configs = config_files_for(model, save_name, yaml=True, json_=False)
-        _write_ckpt(storage, f"{save_name}.ckpt", state)
-        keep = {f"{save_name}.ckpt"}
-    else:
-        configs = config_files_for(model, save_name, yaml=False, json_=True)
-        groups = _shards(state, limit)
-        if len(groups) == 1:
-            _write_ckpt(storage, f"{save_name}.ckpt", state)
-            keep = {f"{save_name}.ckpt"}
-        else:
-            weight_map: dict[str, str] = {}
-            keep = set()
-            for k, group in enumerate(groups, 1):
-                fname = f"{save_name}-{k:05d}-of-{len(groups):05d}.ckpt"
-                _write_ckpt(storage, fname, group)
-                keep.add(fname)
-                weight_map.update(dict.fromkeys(group, fname))
-            total = sum(int(a.nbytes) for a in state.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            idx_name = f"{save_name}.ckpt.index.json"
-            storage.put_atomic(idx_name, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
-            keep.add(idx_name)
-        if CONFIG_NAME not in configs:
-            configs[CONFIG_NAME] = (json.dumps({"architectures": [type(model).__name__]}, indent=2) + "\n").encode()
+    limit = size_option(max_shard_size)
+    configs = config_files_for(model, save_name, yaml=limit is None, json_=limit is not None)
+    if limit is not None and CONFIG_NAME not in configs:
+        configs[CONFIG_NAME] = (json.dumps({"architectures": [type(model).__name__]}, indent=2) + "\n").encode()
+    keep = set(write_sharded(storage, _items(state), {}, stem=save_name, ext="ckpt", max_shard_size=limit))
     for n, data in configs.items():
         storage.put_atomic(n, data)
-    storage.remove(_stale_weights(storage.listdir(), save_name, keep, distckpt_files=True))
+    storage.remove(_stale_weights(storage.listdir(), save_name, keep))
+    storage.remove(distckpt_files(storage))  # a distributed save this one replaces
     return directory
 
 
@@ -250,7 +179,7 @@ def load_pretrained(
 
     unknown = set(download_kwargs) - set(DOWNLOAD_KWARGS)
     if unknown:
-        raise TypeError(f"load_pretrained got unexpected keyword argument(s) {sorted(unknown)}")
+        raise UsageError(f"load_pretrained got unexpected keyword argument(s) {sorted(unknown)}")
     opts = download_kwargs.get("storage_options")
     path = hub.resolve(os.fspath(name_or_path), **download_kwargs)
     src = open_source(path, storage_options=opts)

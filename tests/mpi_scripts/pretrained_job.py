@@ -133,7 +133,7 @@ def main() -> None:
         sys.exit(4)
     # bytes read for this rank's slices: verified (whole checksum blocks), unverified (the read plan
     # alone), and verified for the tensors saved split on their outer dim only
-    stats, raw, outer = distckpt.io.ReadStats(), distckpt.io.ReadStats(), distckpt.io.ReadStats()
+    stats, raw, outer = distckpt.execute.ReadStats(), distckpt.execute.ReadStats(), distckpt.execute.ReadStats()
     state = distckpt.load(args.path, strategy=args.strategy, stats=stats)
     state_raw = distckpt.load(args.path, strategy=args.strategy, stats=raw, verify=False)
     outer_names = [n for n in want if full[n].ndim == 2 and not any(k in n for k in ROW_PARALLEL)]

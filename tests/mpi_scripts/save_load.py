@@ -70,15 +70,15 @@ def main() -> None:
     if args.mode == "save":
         strat = save_strategy(world)
         if rank == args.fail_rank:
-            import distckpt.io as dio
+            import distckpt.execute as dio
 
-            real = dio.SafetensorsWriter.write
+            real = dio._writev_all
 
-            def boom(self, name, data):
-                real(self, name, data)
+            def boom(fd, path, bufs):
+                real(fd, path, bufs)
                 raise OSError(f"disk full on rank {rank}")
 
-            dio.SafetensorsWriter.write = boom
+            dio._writev_all = boom
         if rank == args.kill_rank:
             from distckpt.storage import Storage
 
@@ -93,6 +93,17 @@ def main() -> None:
                     return _real(self, *a, **kw)
 
                 setattr(Storage, meth, wrapped)
+            import distckpt.execute as dio
+
+            real_w = dio._write_local
+
+            def killing_write(*a, **kw):
+                count["n"] += 1
+                if count["n"] > args.kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return real_w(*a, **kw)
+
+            dio._write_local = killing_write
         try:
             distckpt.save({**local(full, strat, rank), "step": args.seed}, args.path, strategy=strat)
         except distckpt.DistributedError as exc:
@@ -101,7 +112,7 @@ def main() -> None:
         print(f"RANK {rank} SAVED", flush=True)
     else:
         strat = load_strategy_for(world)
-        stats = distckpt.io.ReadStats()
+        stats = distckpt.execute.ReadStats()
         got = distckpt.load(args.path, strategy=strat, stats=stats)
         want = local(full, strat, rank)
         ok = all(got[k].dtype == v.dtype and np.array_equal(got[k].view(np.uint8), v.view(np.uint8)) for k, v in want.items())

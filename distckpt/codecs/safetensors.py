@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, BinaryIO
 
 from ..dtypes import from_safetensors_name, itemsize, safetensors_name
-from ..errors import FormatError
+from ..errors import FormatError, UsageError
 from . import Entry
 from .ckpt import _byteview, _check_shape
 
@@ -209,9 +209,9 @@ class SafetensorsWriter:
     def write(self, name: str, data: Any) -> None:
         """Append bytes (numpy array of any dtype, or bytes-like) of tensor ``name``."""
         if self.f is None:
-            raise ValueError(f"{self.name}: writer has no file; write the bytes yourself at data_offset()")
+            raise UsageError(f"{self.name}: writer has no file; write the bytes yourself at data_offset()")
         if self._closed:
-            raise ValueError(f"{self.name}: writer is closed; cannot write {name!r}")
+            raise UsageError(f"{self.name}: writer is closed; cannot write {name!r}")
         mv = _byteview(data, f"{self.name}: tensor {name!r}: ")
         while self._i < len(self._names) and self._names[self._i] != name and self._done == self._sizes[self._i]:
             self._i += 1

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Union
 
-from .errors import FormatError
+from ..errors import FormatError
 
 __all__ = [
     "VARINT",

@@ -56,7 +56,7 @@ from typing import Any, Callable
 
 from .errors import ConfigError
 
-__all__ = ["SCHEMA", "Field", "load_config", "validate_config", "default_config", "merge_cli_overrides", "parse_size"]
+__all__ = ["SCHEMA", "Field", "load_config", "validate_config", "default_config", "merge_cli_overrides", "parse_size", "size_option"]
 
 
 @dataclass(frozen=True)
@@ -100,24 +100,34 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "p": 1
 def parse_size(value: int | str) -> int:
     """``5000`` → 5000; ``"5GB"`` → 5·10⁹ (decimal, like HuggingFace); ``"512MiB"`` → 512·2²⁰."""
     if isinstance(value, bool):
-        raise ValueError(f"not a size: {value!r}")
+        raise ConfigError(f"not a size: {value!r}")
     if isinstance(value, int):
         if value <= 0:
-            raise ValueError(f"size must be > 0, got {value}")
+            raise ConfigError(f"size must be > 0, got {value}")
         return value
     m = _SIZE_RE.match(str(value))
     if not m:
-        raise ValueError(f"not a size: {value!r} (use bytes or e.g. '5GB', '512MiB')")
+        raise ConfigError(f"not a size: {value!r} (use bytes or e.g. '5GB', '512MiB')")
     number, unit = float(m.group(1)), (m.group(2) or "").lower()
     binary = "i" in unit
     unit = unit.replace("i", "").replace("b", "")
     scale = 1024 ** "kmgtp".index(unit) * 1024 if binary and unit else _UNITS[unit]
     if not number * scale < 2**63:  # also inf and nan from a 5000-digit number
-        raise ValueError(f"not a size: {value!r} is too large")
+        raise ConfigError(f"not a size: {value!r} is too large")
     size = int(number * scale)
     if size <= 0:
-        raise ValueError(f"size must be > 0, got {value!r}")
+        raise ConfigError(f"size must be > 0, got {value!r}")
     return size
+
+
+def size_option(value: int | str | None, flag: str = "--max-shard-size") -> int | None:
+    """A size given as an option (None stays None); a bad one is a :class:`ConfigError` naming ``flag``."""
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: {exc}") from None
 
 
 def _size_check(v: Any) -> str | None:

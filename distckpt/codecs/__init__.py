@@ -5,8 +5,8 @@ and the byte ranges (``segments``) of the file whose concatenation is the
 tensor's C-order little-endian bytes.  Scanners never read tensor bytes; readers
 fetch exactly the segments they need; writers stream.
 
-- :mod:`distckpt.formats.ckpt`: MindSpore ``.ckpt`` (protobuf ``Checkpoint``).
-- :mod:`distckpt.formats.safetensors`: the safetensors format.
+- :mod:`distckpt.codecs.ckpt`: MindSpore ``.ckpt`` (protobuf ``Checkpoint``).
+- :mod:`distckpt.codecs.safetensors`: the safetensors format.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..errors import FormatError
 
 __all__ = [
     "Entry",
@@ -47,13 +49,13 @@ class Entry:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
-            raise TypeError(f"Entry name must be a str, got {type(self.name).__name__}")
+            raise FormatError(f"Entry name must be a str, got {type(self.name).__name__}")
         shape = self.shape
         if type(shape) is not tuple or not all(type(d) is int and d >= 0 for d in shape):
             shape = tuple(shape)
             for d in shape:
                 if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 0:
-                    raise ValueError(f"tensor {self.name!r}: shape {shape!r} must be non-negative integers")
+                    raise FormatError(f"tensor {self.name!r}: shape {shape!r} must be non-negative integers")
             object.__setattr__(self, "shape", tuple(int(d) for d in shape))
         segs = self.segments
         if type(segs) is not tuple or not all(type(s) is tuple and len(s) == 2 for s in segs):
@@ -61,7 +63,7 @@ class Entry:
             object.__setattr__(self, "segments", segs)
         for o, n in segs:
             if o < 0 or n < 0:
-                raise ValueError(f"tensor {self.name!r}: negative offset or length in segments {segs!r}")
+                raise FormatError(f"tensor {self.name!r}: negative offset or length in segments {segs!r}")
 
     @property
     def nbytes(self) -> int:

@@ -30,10 +30,10 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from .._proto import encode_varint
 from ..dtypes import ckpt_name, from_ckpt_name, itemsize, to_numpy
-from ..errors import ChecksumError, FormatError
+from ..errors import ChecksumError, FormatError, UsageError
 from . import STR_DTYPE, Entry
+from .proto import encode_varint
 
 __all__ = [
     "SPLIT_BYTES",
@@ -475,7 +475,7 @@ def read_entry(f: BinaryIO, entry: Entry, *, name: str = "<file>") -> np.ndarray
     """Read one entry's bytes into a fresh array of its dtype and shape (or a ``str``).
 
     All segments are read with ``readinto`` into one preallocated buffer.  Works
-    for entries from any scanner in :mod:`distckpt.formats`.
+    for entries from any scanner in :mod:`distckpt.codecs`.
     """
     where = f"{name}: tensor {entry.name!r}"
     buf = np.empty(entry.nbytes, dtype=np.uint8)
@@ -515,9 +515,9 @@ def _byteview(data: Any, where: str = "") -> memoryview:
     try:
         mv = memoryview(data)
     except TypeError:
-        raise TypeError(f"{where}expected a numpy array or bytes-like object, got {type(data).__name__}") from None
+        raise UsageError(f"{where}expected a numpy array or bytes-like object, got {type(data).__name__}") from None
     if not mv.c_contiguous:
-        raise ValueError(f"{where}buffer is not C-contiguous")
+        raise UsageError(f"{where}buffer is not C-contiguous")
     return mv.cast("B") if (mv.format != "B" or mv.ndim != 1) else mv
 
 
@@ -544,7 +544,7 @@ class CkptWriter:
         offset: int = 0,
     ):
         if split_bytes < 1:
-            raise ValueError(f"split_bytes must be positive, got {split_bytes}")
+            raise UsageError(f"split_bytes must be positive, got {split_bytes}")
         self.f = f
         self.crc = crc
         self.split_bytes = split_bytes
@@ -565,9 +565,9 @@ class CkptWriter:
 
     def _start(self, name: str) -> None:
         if self._closed:
-            raise ValueError(f"{self.name}: writer is closed; cannot add {name!r}")
+            raise UsageError(f"{self.name}: writer is closed; cannot add {name!r}")
         if not isinstance(name, str):
-            raise TypeError(f"{self.name}: tensor name must be str, got {type(name).__name__}")
+            raise UsageError(f"{self.name}: tensor name must be str, got {type(name).__name__}")
         if name in self._names:
             raise FormatError(f"{self.name}: tensor {name!r} added twice")
         self._names.add(name)
@@ -656,7 +656,7 @@ class CkptWriter:
     def add_str(self, name: str, value: str) -> Entry:
         """Write a string value as MindSpore does (``dims=[0]``, type ``str``, ``np.array(s).tobytes()``)."""
         if not isinstance(value, str):
-            raise TypeError(f"{self.name}: value of {name!r} must be str, got {type(value).__name__}")
+            raise UsageError(f"{self.name}: value of {name!r} must be str, got {type(value).__name__}")
         self._start(name)
         data = np.array(value).tobytes()  # UTF-32LE, at least one code unit ("" -> 4 NUL bytes)
         # never split: MindSpore decodes a string with the length of its *last* value only

@@ -1,0 +1,257 @@
+"""The save protocol: one rank's part in one save, as steps a caller can split across threads.
+
+Who does what, in which order (under mpirun one round trip after the writes;
+an exception on any rank, at any step, becomes the same
+:class:`~distckpt.errors.DistributedError` on every rank, never a hang):
+
+1. (all ranks)   :class:`SaveJob` prepares locally: state -> arrays, the strategy,
+   global shapes, the boxes this rank writes (closed form,
+   :func:`~distckpt.plan.plan_writes`); an error is kept, not raised;
+2. (all ranks)   optionally :meth:`SaveJob.stage`: copy the pieces this rank
+   writes (and only those) into host or shared memory, so training may go on
+   changing its arrays -- the only time an asynchronous save blocks training;
+3. (coordinator) :meth:`SaveJob.run` writes the save marker and broadcasts the
+   save id (or its own error);
+4. (all ranks)   write their data file through a *writer* (in this process:
+   :func:`distckpt.execute.write_chunk_file`; or a separate process,
+   :mod:`distckpt.asyncsave`);
+5. (all ranks)   send their report (or error) to the coordinator, which builds and
+   commits the index or names the ranks that failed, and broadcasts the verdict;
+   every rank returns the save id or raises it.  A failed save removes what it wrote.
+
+With ``rank=r`` and no communicator (a launcher without MPI) step 5 is a
+manifest per rank; :func:`distckpt.commit.finalize` commits.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import commit as _commit
+from . import dtypes, jsonutil, naming
+from .comm import Communicator, SingleComm, format_ranks, get_comm
+from .errors import DistCkptError, DistributedError, StrategyError
+from .execute import DEFAULT_BLOCK_SIZE, PendingChunk, write_chunk_file
+from .index import Chunk
+from .layout import Strategy, box_of
+from .plan import WriteItem, plan_writes
+from .state import split_state
+from .storage import open_storage
+from .strategy import load_strategy, strategy_to_json
+
+__all__ = ["SaveJob", "Writer", "describe_error"]
+
+#: ``writer(store, fname, pending, *, block_size, rank, checksums) -> (chunk records by tensor, file size)``
+Writer = Callable[..., "tuple[dict[str, list[Chunk]], int]"]
+
+
+def describe_error(exc: BaseException | None) -> str | None:
+    """How a rank's error travels to the others: distckpt's message, else ``Type: message``."""
+    if exc is None:
+        return None
+    return str(exc) if isinstance(exc, DistCkptError) else f"{type(exc).__name__}: {exc}"
+
+
+class SaveJob:
+    """One rank's part in one save of ``state`` to ``path`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        state: Any,
+        path,
+        *,
+        strategy=None,
+        rank: int | None = None,
+        comm=None,
+        storage_options: dict | None = None,
+        metadata: dict | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        checksums: bool = True,
+    ):
+        self.rank_mode = rank is not None and comm is None
+        self.comm: Communicator = SingleComm() if self.rank_mode else get_comm(comm)
+        self.me: int = rank if rank is not None and self.rank_mode else self.comm.rank
+        self.store = open_storage(path, storage_options)
+        self.block_size = block_size
+        self.checksums = checksums
+        self.metadata = dict(metadata or {})
+        self.error: BaseException | None = None
+        self.strategy: Strategy | None = None
+        self.world = self.comm.size
+        self.values: dict[str, Any] = {}
+        self.tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+        self.items: list[WriteItem] = []
+        self.pieces: list[np.ndarray] = []
+        try:
+            self._prepare(state, strategy, storage_options)
+        except Exception as exc:  # noqa: BLE001 - every failure must reach the other ranks
+            self.error = exc
+
+    # ------------------------------------------------------------ step 1
+    def _prepare(self, state, strategy, storage_options) -> None:
+        strat = load_strategy(strategy, storage_options=storage_options) if strategy is not None else None
+        me = self.me
+        if self.rank_mode:
+            world = strat.world_size if strat is not None else int(os.environ.get("RANK_SIZE", "1"))
+        else:
+            world = self.comm.size
+        if strat is not None and strat.world_size != world:
+            raise StrategyError(
+                f"strategy describes {strat.world_size} ranks but this job has {world}: pass the strategy of this job"
+            )
+        if not 0 <= me < world:
+            raise StrategyError(f"rank {me} is outside the world of {world} ranks")
+        arrays, values = split_state(state)
+        tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for name, arr in arrays.items():
+            dt = dtypes.name_of(arr.dtype)
+            if strat is not None and name in strat:
+                if not strat.holds(name, me):
+                    continue
+                shape = strat.global_shape(name, arr.shape)
+                spec = strat.params[name]
+                if spec.shape is not None and tuple(spec.shape) != shape:
+                    raise StrategyError(
+                        f"tensor {name!r}: rank {me} holds {list(arr.shape)}, which the strategy makes {list(shape)}, "
+                        f"but its tensor_shape says {list(spec.shape)}"
+                    )
+                spec.layout.validate(shape, name)
+            else:
+                shape = tuple(arr.shape)
+            tensors[name] = (dt, shape)
+        if strat is not None:
+            lacking = [n for n in strat.params if strat.holds(n, me) and n not in arrays]
+            if lacking:
+                raise StrategyError(
+                    f"rank {me}'s state has no tensor {lacking[0]!r}, which the strategy places on it"
+                    + (f" ({len(lacking)} such tensors)" if len(lacking) > 1 else "")
+                )
+        self.strategy, self.world, self.values, self.tensors = strat, world, values, tensors
+        self.items = plan_writes(tensors, strat, world, me)
+        self.pieces = []
+        for it in self.items:
+            arr = arrays[it.name]
+            my_box = box_of(strat, it.name, it.shape, me)
+            assert my_box is not None  # plan_writes only hands out boxes this rank holds
+            self.pieces.append(arr[it.box.relative_to(my_box)] if it.box.ndim else arr)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this rank writes."""
+        return sum(int(p.nbytes) for p in self.pieces)
+
+    # ------------------------------------------------------------ step 2
+    def stage(self, allocate: Callable[[int], memoryview] | None = None) -> None:
+        """Copy the pieces this rank writes into memory from ``allocate(nbytes)`` (host memory by default)."""
+        if self.error is not None or not self.pieces:
+            return
+        try:
+            buf = allocate(self.nbytes) if allocate is not None else memoryview(bytearray(self.nbytes))
+            staged, pos = [], 0
+            for p in self.pieces:
+                n = int(p.nbytes)
+                arr = np.frombuffer(buf, dtype=np.uint8, count=n, offset=pos).view(p.dtype).reshape(p.shape)
+                arr[...] = p
+                staged.append(arr)
+                pos += n
+            self.pieces = staged
+        except Exception as exc:  # noqa: BLE001
+            self.error = exc
+
+    # ---------------------------------------------------------- steps 3-5
+    def run(self, writer: Writer = write_chunk_file) -> str:
+        """Write and commit (every rank); return the save id or raise the same error everywhere."""
+        c, store, me = self.comm, self.store, self.me
+
+        def new_id() -> str:
+            if self.error is not None:
+                raise self.error
+            sid = naming.new_save_id()
+            _commit.write_marker(store, sid, rank=me if self.rank_mode else None)
+            return sid
+
+        save_id = new_id() if self.rank_mode or c.size == 1 else c.run_on_root("save.id", new_id)
+        fname = naming.data_file(save_id, me)
+        rep: dict[str, Any] = {}
+        if self.error is None:
+            try:
+                rep = self._write(fname, writer)
+            except Exception as exc:  # noqa: BLE001
+                self.error = exc
+        common: dict[str, Any] = {
+            "save_id": save_id,
+            "world_size": self.world,
+            "block_size": self.block_size,
+            "checksum": "crc32c" if self.checksums else "none",
+            "strategy": strategy_to_json(self.strategy) if self.strategy is not None else None,
+            "metadata": self.metadata,
+        }
+        if self.rank_mode:
+            if self.error is not None:
+                raise self.error
+            manifest = {**rep, **common, "values": _commit.values_json(self.values) if me == 0 else {}}
+            store.put_atomic(naming.manifest_file(me), jsonutil.dumps(manifest).encode())
+            return save_id
+        reports = c.gather({"ok": self.error is None, "e": describe_error(self.error), "r": rep}, "save.report")
+
+        def decide() -> dict:
+            assert reports is not None
+            failures = {r: x["e"] for r, x in enumerate(reports) if not x["ok"]}
+            if failures:
+                return {"failures": failures}
+            index = _commit.build_index(
+                [x["r"] for x in reports], values=_commit.values_json(self.values),
+                where=store.child_url(naming.INDEX_NAME), **common,
+            )
+            _commit.commit(store, index)
+            return {"failures": {}}
+
+        try:
+            verdict = decide() if c.size == 1 and self.error is None else c.run_on_root("save.commit", decide)
+        except BaseException:
+            self._discard(fname, save_id)
+            raise
+        failures = {int(k): v for k, v in verdict["failures"].items()}
+        if failures:
+            self._discard(fname, save_id)
+            if c.size == 1 and self.error is not None:
+                raise self.error
+            raise DistributedError(
+                f"save to {store.url} failed on rank(s) {format_ranks(failures)}: "
+                + "; ".join(f"rank {r}: {m}" for r, m in sorted(failures.items())),
+                failures,
+            ) from self.error
+        return save_id
+
+    def _write(self, fname: str, writer: Writer) -> dict:
+        pending: Sequence[PendingChunk] = [
+            PendingChunk.of(it.name, it.box, piece) for it, piece in zip(self.items, self.pieces)
+        ]
+        files: dict[str, int] = {}
+        chunks: dict = {}
+        if pending:
+            self.store.makedirs()
+            chunks, size = writer(self.store, fname, pending, block_size=self.block_size, rank=self.me,
+                                  checksums=self.checksums)
+            files[fname] = size
+        written = {it.name: self.tensors[it.name] for it in self.items}
+        return _commit.report(self.me, files, written, chunks)
+
+    def _discard(self, fname: str, save_id: str) -> None:
+        """A failed save: every rank removes its data file, then the coordinator the save's marker.
+
+        If a rank cannot take part (it died), the marker stays, so ``gc`` can still prove the rest is ours.
+        """
+        c = self.comm
+        self.store.remove([fname])
+        try:
+            if c.size > 1:
+                c.barrier("save.discard")
+            if c.rank == 0:
+                self.store.remove([naming.save_marker(save_id)])
+        except DistCkptError:
+            pass
