@@ -279,9 +279,8 @@ def load_ratio(a):
 def plan(a):
     """plan_save for R ranks x T tensors (DP x TP), and one rank's load plan into another layout."""
     from distckpt.index import Chunk, TensorInfo
-    from distckpt.layout import ParamSpec, Strategy, TensorLayout
+    from distckpt.layout import ParamSpec, Strategy, TensorLayout, box_of
     from distckpt.plan import ChunkLookup, plan_box_reads, plan_save
-    from distckpt.sources import box_of
 
     ranks, ntensors, tp = int(a["ranks"]), int(a["tensors"]), int(a.get("tp", 8))
     dp = ranks // tp
@@ -309,7 +308,7 @@ def plan(a):
     t0 = time.perf_counter()
     nreq = 0
     for t in infos.values():
-        box = box_of(t, new, ranks - 1)
+        box = box_of(new, t.name, t.shape, ranks - 1)
         lk = ChunkLookup([c.box for c in t.chunks])
         for ci, inter in lk.overlapping(box):
             nreq += len(plan_box_reads(t.chunks[ci].box, inter, 2).requests)

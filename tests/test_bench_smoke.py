@@ -87,7 +87,7 @@ def test_mindspore_suite_smoke(tmp_path):
     """The older suite (``--mindspore``, here without MindSpore's own tools) still runs."""
     out = tmp_path / "results"
     _run(["--mindspore", "--size", "8MiB", "--dtype", "float32", "--no-mindspore", "--scaling", "4MiB",
-          "--checksum-reps", "1", "--plan-ranks", "1000", "--plan-tensors", "100",
+          "--checksum-reps", "1", "--plan-ranks", "200", "--plan-tensors", "50",
           "--workdir", str(tmp_path / "work"), "--out", str(out)], tmp_path)
     res = json.loads((out / "mindspore.json").read_text())
     md = (out / "mindspore.md").read_text()
@@ -102,7 +102,8 @@ def test_mindspore_suite_smoke(tmp_path):
     assert case["save"]["raw_disk"]["runs"][0]["bytes_written"] == case["model_bytes"]
     assert case["ops"]["merge"]["distckpt"]["read"]["ratio"] == 1.0
     assert res["load"]["outer_tp2"]["ratio"] == 1.0
-    assert res["load"]["outer_rows_tp8"]["bytes_read"] >= res["load"]["outer_rows_tp8"]["bytes_needed"] > 0
+    # a mapped local file's bytes count once however many ranks need them (ReadStats on main since c9c9970)
+    assert res["load"]["outer_rows_tp8"]["bytes_read"] > 0 and res["load"]["outer_rows_tp8"]["bytes_needed"] > 0
     assert res["plan"]["write_items"] > 0
     assert [r["size"] for r in res["scaling"]] == [4 << 20]
     assert "| merge → one .ckpt |" in md and "## DESIGN §4 targets" in md
