@@ -247,7 +247,11 @@ def plot(res: dict, png: str) -> str | None:
         rs = [r for r in rows if r["group"] == g]
         xs = list(range(len(rs)))
         colors = ["#2a9d8f" if r["pass"] else ("#e76f51" if r["pass"] is False else "#999999") for r in rs]
-        ax.bar(xs, [r["ratio"] for r in rs], color=colors)
+        # bars grow from 1.0 (up: distckpt slower / larger; down: faster / smaller) on a log axis
+        ax.bar(xs, [r["ratio"] - 1.0 for r in rs], bottom=1.0, color=colors)
+        lo = min([1.0] + [r["ratio"] for r in rs])
+        hi = max([1.0] + [r["ratio"] for r in rs] + [r["target"] for r in rs if r["target"] is not None])
+        ax.set_ylim(lo / 1.4, hi * 1.4)
         for x, r in zip(xs, rs):
             ax.text(x, r["ratio"], f"{r['ratio']:.2f}", ha="center", va="bottom", fontsize=8)
             if r["target"] is not None and r["target"] != 1.0:
