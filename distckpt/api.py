@@ -37,13 +37,22 @@ from .execute import DEFAULT_BLOCK_SIZE, PendingChunk, ReadStats, read_box, writ
 from .index import TensorInfo
 from .jobconfig import size_option
 from .layout import Box, Strategy, check_tiling, full_box
-from .plan import check_fit, plan_load, plan_save
+from .plan import SharedRead, check_fit, plan_load, plan_save, plan_shared_reads
 from .progress import counted
 from .saving import SaveJob
 from .sources import Source, SourceKind, open_source
 from .storage import Staging
 from .strategy import load_strategy, strategy_bytes, strategy_to_json
-from .writers import OUTPUTS, OutItem, OutputJob, output_writer, write_ckpt_file, write_safetensors_file, write_sharded
+from .writers import (
+    OUTPUTS,
+    OutItem,
+    OutputJob,
+    copy_configs,
+    output_writer,
+    write_ckpt_file,
+    write_safetensors_file,
+    write_sharded,
+)
 
 __all__ = ["save", "load", "finalize", "merge", "split", "reshard", "verify", "inspect", "gc"]
 
@@ -115,6 +124,7 @@ def load(
     model: str | None = None,
     qkv_layout: str | None = None,
     ffn_layout: str | None = None,
+    cooperative: bool | None = None,
 ) -> dict:
     """Read a checkpoint; with ``strategy`` return exactly this rank's slices.
 
@@ -122,13 +132,24 @@ def load(
     writes to ``rank_{rank}`` (optimizer shard and pipeline stage included),
     plus the tensors the strategy does not name.  Only overlapping chunks are
     read.  Arrays are numpy (bf16 as ``ml_dtypes.bfloat16``).
+
+    Cooperative load: under mpirun, with a strategy and no explicit ``rank``, every rank
+    of the job calls ``load`` together, and each box that several ranks need (data-parallel
+    replicas, tensors the strategy does not name) is read from storage by one of them and
+    sent to the others over the communicator, so the job pulls each byte once.
+    ``cooperative=False`` makes every rank read on its own (a local call); ``True``
+    forces it (every rank of the communicator must call).
     """
+    c = get_comm(comm) if (rank is None or cooperative) else None
+    coop = bool(cooperative) if cooperative is not None else (strategy is not None and rank is None and c is not None
+                                                                and c.size > 1)
+    if coop:
+        assert c is not None
+        return _load_together(c, path, strategy=strategy, src_strategy=src_strategy, names=names,
+                              storage_options=storage_options, verify=verify, stats=stats,
+                              source_options=dict(iteration=iteration, **_model_options(model, qkv_layout, ffn_layout)))
     src = _open(path, src_strategy, storage_options, iteration=iteration, **_model_options(model, qkv_layout, ffn_layout))
-    want = set(names) if names is not None else None
-    if want is not None:
-        unknown = want - set(src.tensors) - set(src.values)
-        if unknown:
-            raise NotCommittedError(f"{src.url}: no tensor(s) {sorted(unknown)[:5]} in this checkpoint")
+    want = _wanted(src, names)
     strat = None
     if strategy is not None:
         strat = _strategy_for(src, strategy, storage_options, strict_missing=want is None, what="destination strategy")
@@ -141,9 +162,59 @@ def load(
     out: dict[str, Any] = {}
     for item in plan_load({n: t.shape for n, t in src.tensors.items()}, strat, rank, want):
         out[item.name] = src.read(item.name, item.box, verify=verify, stats=st)
-    for k, v in src.values.items():
-        if want is None or k in want:
-            out[k] = v
+    out.update(_values(src, want))
+    return out
+
+
+def _wanted(src: Source, names: Iterable[str] | None) -> set[str] | None:
+    want = set(names) if names is not None else None
+    if want is not None:
+        unknown = want - set(src.tensors) - set(src.values)
+        if unknown:
+            raise NotCommittedError(f"{src.url}: no tensor(s) {sorted(unknown)[:5]} in this checkpoint")
+    return want
+
+
+def _values(src: Source, want: set[str] | None) -> dict[str, Any]:
+    return {k: v for k, v in src.values.items() if want is None or k in want}
+
+
+def _load_together(c, path, *, strategy, src_strategy, names, storage_options, verify, stats, source_options) -> dict:
+    """Cooperative load (see :func:`load`): plan from the layout alone, read my share, agree, exchange."""
+    import numpy as np
+
+    st = stats if stats is not None else ReadStats()
+    out: dict[str, Any] = {}
+    plan: list[SharedRead] = []
+    error: BaseException | None = None
+    src: Source | None = None
+    want: set[str] | None = None
+    try:
+        src = _open(path, src_strategy, storage_options, **source_options)
+        want = _wanted(src, names)
+        strat = None
+        if strategy is not None:
+            strat = _strategy_for(src, strategy, storage_options, strict_missing=want is None,
+                                  what="destination strategy")
+            if strat.world_size != c.size:
+                raise StrategyError(f"strategy describes {strat.world_size} ranks but this job has {c.size}")
+        tensors = {n: (t.dtype, t.shape) for n, t in src.tensors.items() if want is None or n in want}
+        plan = plan_shared_reads(tensors, strat, c.size, c.rank)
+        for it in plan:
+            dtype = dtypes.to_numpy(tensors[it.name][0])
+            if it.reader == c.rank:
+                arr = src.read(it.name, it.box, verify=verify, stats=st)
+                out[it.name] = np.ascontiguousarray(arr) if arr.ndim else arr.copy()
+            else:
+                out[it.name] = np.empty(it.box.sizes, dtype=dtype)
+    except Exception as exc:  # noqa: BLE001 - every rank learns of it before any transfer
+        error = exc
+    c.agree("load.read", error)
+    sends = [(m, out[it.name]) for it in plan if it.reader == c.rank for m in it.members if m != c.rank]
+    recvs = [(it.reader, out[it.name]) for it in plan if it.reader != c.rank]
+    c.exchange(sends, recvs, "load.share")
+    assert src is not None
+    out.update(_values(src, want))
     return out
 
 
@@ -221,6 +292,7 @@ def merge(
     ffn_layout: str | None = None,
     hf_config=None,
     dst_iteration: int | None = None,
+    comm=None,
 ) -> dict:
     """Merge SRC into one checkpoint: a ``.ckpt``/``.safetensors`` file, a MindFormers-ready directory,
     a one-rank MindFormers checkpoint (``format="mindformers"``) or a HuggingFace model (``format="hf"``)."""
@@ -229,6 +301,13 @@ def merge(
     format = _output_format(dst, format, MERGE_FORMATS)
     shard = size_option(max_shard_size)
     _check_dst_vs_src(src, dst)
+    c = get_comm(comm)
+    if c.size > 1:
+        return _merge_with_every_rank(c, src, dst, format=format, shard=shard, src_strategy=src_strategy,
+                                      overwrite=overwrite, storage_options=storage_options, verify=verify,
+                                      strict=strict, t0=t0, iteration=iteration, model=model,
+                                      qkv_layout=qkv_layout, ffn_layout=ffn_layout, hf_config=hf_config,
+                                      dst_iteration=dst_iteration, quiet=quiet)
     source = _open(src, src_strategy, storage_options, iteration=iteration,
                    **({} if format == "hf" else _model_options(model, qkv_layout, ffn_layout)))
     _warn_missing(source, strict)
@@ -246,7 +325,7 @@ def merge(
             files = [os.path.basename(dst)]
         elif format == "distckpt":
             files = _write_distckpt(out.store, source, None, 1, verify, stats)
-            _copy_configs(source, out.store)
+            copy_configs(source, out.store)
         elif format in OUTPUTS:
             options = {"max_shard_size": shard, "quiet": quiet, "dst_iteration": dst_iteration, "plain": False,
                        "hf_config": hf_config, **_model_options(model, qkv_layout, ffn_layout)}
@@ -254,16 +333,58 @@ def merge(
         else:
             stem = source.name if format == "ckpt" else "model"
             files = write_sharded(out.store, items, source.values, stem=stem, ext=format, max_shard_size=shard)
-            _copy_configs(source, out.store, json_only=bool(shard) and format == "ckpt")
+            copy_configs(source, out.store, json_only=bool(shard) and format == "ckpt")
     return {
         "dst": dst,
         "format": format,
         "files": files,
         "tensors": len(tensors),
         "bytes": sum(t.nbytes for t in tensors),
+        "ranks": 1,
         "read": stats.to_json(),
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def _merge_with_every_rank(c, src, dst: str, *, format: str, shard, src_strategy, overwrite, storage_options, verify,
+                           strict, t0, quiet, **opts) -> dict:
+    """``merge`` under mpirun: the ranks split the output (:mod:`distckpt.writers.parallel`)."""
+    from .writers.parallel import merge_parallel
+
+    model_opts = _model_options(opts["model"], opts["qkv_layout"], opts["ffn_layout"])
+    if format in OUTPUTS:  # formats written by their own module: the coordinator writes, the others wait
+        def alone() -> dict:
+            from .comm import SingleComm
+
+            return merge(src, dst, format=format, max_shard_size=shard, src_strategy=src_strategy, overwrite=overwrite,
+                         storage_options=storage_options, verify=verify, quiet=quiet, strict=strict,
+                         hf_config=opts["hf_config"], dst_iteration=opts["dst_iteration"], iteration=opts["iteration"],
+                         comm=SingleComm(), **model_opts)
+
+        return c.run_on_root("merge", alone)
+    stats = ReadStats()
+    holder: dict[str, Source] = {}
+
+    def open_src() -> Source:
+        source = _open(src, src_strategy, storage_options, iteration=opts["iteration"],
+                       **({} if format == "hf" else model_opts))
+        if c.rank == 0:
+            _warn_missing(source, strict)
+        holder["source"] = source
+        return source
+
+    files = merge_parallel(c, open_src, dst, fmt=format, shard=shard, overwrite=overwrite,
+                           storage_options=storage_options, read_factory=lambda s: _read_fn(s, verify, stats))
+    source = holder.get("source")
+    tensors = list(source.tensors.values()) if source is not None else []
+    totals = c.gather(stats.to_json(), "merge.stats")
+    read = stats.to_json()
+    if totals:
+        read = {k: sum(t[k] for t in totals) for k in ("bytes_needed", "bytes_read", "requests")}
+        read["ratio"] = round(read["bytes_read"] / read["bytes_needed"], 4) if read["bytes_needed"] else 1.0
+    return {"dst": dst, "format": format, "files": files, "tensors": len(tensors),
+            "bytes": sum(t.nbytes for t in tensors), "ranks": c.size, "read": read,
+            "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def _model_options(model, qkv_layout, ffn_layout) -> dict:
@@ -279,24 +400,6 @@ def _open(src, src_strategy, storage_options, **options) -> Source:
 
 def _read_fn(source: Source, verify: bool, stats: ReadStats):
     return lambda name, box: source.read(name, box, verify=verify, stats=stats)
-
-
-def _copy_configs(src: Source, out, *, json_only: bool = False) -> None:
-    """Copy SRC's config files.  ``json_only``: no YAML (MindFormers' from_pretrained takes a
-    directory with a YAML for a one-file ``.ckpt`` directory and would load only the first shard),
-    and a ``config.json`` derived from the YAML when SRC has none."""
-    import json
-
-    yamls = [n for n in src.config_files if naming.is_yaml(n)]
-    for n in src.config_files:
-        if not (json_only and n in yamls):
-            out.put_atomic(n, src.storage.read_bytes(n, limit=64 << 20))
-    if json_only and yamls and "config.json" not in src.config_files:
-        from .mfconfig import config_json_from_yaml
-
-        pick = f"{src.name}.yaml" if f"{src.name}.yaml" in yamls else sorted(yamls)[0]
-        doc = config_json_from_yaml(src.storage, pick)
-        out.put_atomic("config.json", (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _write_distckpt(store, source: Source, strategy: Strategy | None, world: int, verify: bool, stats: ReadStats) -> list[str]:
@@ -344,11 +447,19 @@ def split(
     ffn_layout: str | None = None,
     dst_iteration: int | None = None,
     plain: bool = False,
+    comm=None,
 ) -> dict:
-    """Cut SRC into the shards of ``dst_strategy``."""
-    return _relayout(src, dst, dst_strategy, format, prefix, src_strategy, overwrite, storage_options, verify, quiet,
-                     strict, "split", dict(iteration=iteration, **_model_options(model, qkv_layout, ffn_layout)),
-                     {"dst_iteration": dst_iteration, "plain": plain})
+    """Cut SRC into the shards of ``dst_strategy``.
+
+    Under mpirun every rank calls it and rank 0 does the work (the others wait for its result or error).
+    """
+    def run() -> dict:
+        return _relayout(src, dst, dst_strategy, format, prefix, src_strategy, overwrite, storage_options, verify,
+                         quiet, strict, "split", dict(iteration=iteration, **_model_options(model, qkv_layout, ffn_layout)),
+                         {"dst_iteration": dst_iteration, "plain": plain})
+
+    c = get_comm(comm)
+    return run() if c.size == 1 else c.run_on_root("split", run)
 
 
 def reshard(
@@ -370,11 +481,19 @@ def reshard(
     ffn_layout: str | None = None,
     dst_iteration: int | None = None,
     plain: bool = False,
+    comm=None,
 ) -> dict:
-    """Move SRC into another parallel layout (any world size)."""
-    return _relayout(src, dst, dst_strategy, format, prefix, src_strategy, overwrite, storage_options, verify, quiet,
-                     strict, "reshard", dict(iteration=iteration, **_model_options(model, qkv_layout, ffn_layout)),
-                     {"dst_iteration": dst_iteration, "plain": plain})
+    """Move SRC into another parallel layout (any world size).
+
+    Under mpirun every rank calls it and rank 0 does the work (the others wait for its result or error).
+    """
+    def run() -> dict:
+        return _relayout(src, dst, dst_strategy, format, prefix, src_strategy, overwrite, storage_options, verify,
+                         quiet, strict, "reshard", dict(iteration=iteration, **_model_options(model, qkv_layout, ffn_layout)),
+                         {"dst_iteration": dst_iteration, "plain": plain})
+
+    c = get_comm(comm)
+    return run() if c.size == 1 else c.run_on_root("reshard", run)
 
 
 def _relayout(src, dst, dst_strategy, format, prefix, src_strategy, overwrite, storage_options, verify, quiet, strict,
@@ -404,7 +523,7 @@ def _relayout(src, dst, dst_strategy, format, prefix, src_strategy, overwrite, s
         else:
             files = _write_rank_files(out.store, source, strat, format, prefix, verify, stats, quiet, verb)
         if format != "mindformers":
-            _copy_configs(source, out.store)
+            copy_configs(source, out.store)
     return {
         "dst": os.fspath(dst),
         "format": format,
@@ -456,6 +575,7 @@ def verify(src, *, src_strategy=None, storage_options: dict | None = None, quiet
     from .progress import progress
 
     source = _open(src, src_strategy, storage_options, iteration=iteration, **_model_options(model, qkv_layout, ffn_layout))
+    source = getattr(source, "base", None) or source  # a model map has no bytes of its own: check the files under it
     problems: list[dict] = []
     errors: list[DistCkptError] = []
 

@@ -296,7 +296,9 @@ def _run(args: argparse.Namespace) -> int:
         from .manager import list_checkpoints
 
         rows = list_checkpoints(args.root, storage_options=so)
-        if args.json:
+        if args.json and rows.get("kind") == "mindformers":  # one object per iteration
+            _dump([{k: v for k, v in row.items() if k != "line"} for row in rows["entries"]])
+        elif args.json:
             _dump(rows)
         else:
             for row in rows["entries"]:
@@ -306,13 +308,21 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _report(rep: dict[str, Any], quiet: bool) -> None:
-    if quiet:
+    if quiet or rep.get("ranks", 1) > 1 and _world_rank() != 0:  # under mpirun, rank 0 speaks for the job
         return
     parts = [f"{k}={v}" for k, v in rep.items() if k not in ("files", "read")]
     if "read" in rep:
         r = rep["read"]
         parts.append(f"read={_human(r['bytes_read'])} (x{r['ratio']} of needed)")
     print("done: " + " ".join(parts))
+
+
+def _world_rank() -> int:
+    for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        raw = os.environ.get(var)
+        if raw and raw.isdigit():
+            return int(raw)
+    return 0
 
 
 def describe_error(exc: BaseException) -> str:

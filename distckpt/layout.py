@@ -445,6 +445,32 @@ class Strategy:
         pos = spec.stages.index(self.stage_of(rank))
         return g * len(spec.stages), pos * g + j
 
+    def replica_members(self, name: str, rank: int) -> np.ndarray:
+        """The ranks holding ``rank``'s box of ``name``, numbered as :meth:`replica_index` numbers them.
+
+        Closed form: ``rank``'s coordinates on the tensor-map axes (and the shard part of an optimizer
+        axis) are kept, the others vary, in every stage holding ``name``.
+        """
+        spec = self.params[name]
+        lay = spec.layout
+        dm = lay.dev_matrix
+        coords = np.unravel_index(int(rank) % lay.device_num, dm)
+        mapped = {len(dm) - 1 - a for axes in lay.tensor_map for a in axes}
+        opt = dict(lay._opt_axes)
+        values = []
+        for i, n in enumerate(dm):
+            c = int(coords[i])
+            if i in mapped:
+                values.append(np.array([c]))
+            elif i in opt:
+                m = opt[i]
+                values.append(c % m + m * np.arange(n // m))
+            else:
+                values.append(np.arange(n))
+        grid = np.stack(np.meshgrid(*values, indexing="ij"), axis=-1).reshape(-1, len(dm))
+        local = np.ravel_multi_index(tuple(grid.T), dm)
+        return np.concatenate([s * self.stage_device_num + local for s in spec.stages]).astype(np.int64)
+
     def ranks_holding(self, name: str) -> np.ndarray:
         spec = self.params[name]
         return np.concatenate(

@@ -11,7 +11,9 @@ the verbs in :mod:`distckpt.api` make them.  Decisions made here, once:
   one of the ranks holding it, chosen so that bytes (not counts) balance;
 * :func:`plan_save` -- the same decision for every rank at once (offline
   writers, tests);
-* :func:`plan_load` -- the boxes a rank needs from a checkpoint.
+* :func:`plan_load` -- the boxes a rank needs from a checkpoint;
+* :func:`plan_shared_reads` -- for a cooperative load, which rank of each replica
+  group reads each box from storage (the others receive it).
 * :func:`overlapping_chunks` -- the chunks of a tensor a target box touches,
   by binary search on dim 0: O((L + C) log C) over a whole load.
 * :func:`plan_box_reads` -- for one (chunk, box) pair, the byte requests to
@@ -38,6 +40,8 @@ __all__ = [
     "check_fit",
     "LoadItem",
     "plan_load",
+    "SharedRead",
+    "plan_shared_reads",
     "ChunkLookup",
     "ReadRequest",
     "BoxRead",
@@ -163,6 +167,51 @@ def check_fit(strategy: Strategy, shapes: Mapping[str, tuple[int, ...]], *, what
         except DistCkptError as exc:
             raise StrategyError(f"{what} does not fit the checkpoint: {exc}") from None
     return missing
+
+
+@dataclass(frozen=True)
+class SharedRead:
+    """Box ``box`` of tensor ``name``: read from storage by ``reader`` and sent to the other ``members``."""
+
+    name: str
+    box: Box
+    reader: int
+    members: tuple[int, ...]
+
+
+def plan_shared_reads(
+    tensors: Mapping[str, tuple[str, tuple[int, ...]]],
+    strategy: Strategy | None,
+    world_size: int,
+    rank: int,
+) -> list[SharedRead]:
+    """Cooperative load: for every box ``rank`` needs, which member of its replica group reads it.
+
+    The ranks that need one box (its replica group, closed form:
+    :meth:`Strategy.replica_members`) agree without talking: within a replica
+    class, boxes go to members greedily by bytes (the rule :func:`plan_writes`
+    uses), so the job pulls every needed byte from storage once and readers are
+    spread by bytes.  In name order, so that every pair of ranks posts its
+    transfers in the same order.
+    """
+    classes: dict[tuple, list[tuple[str, int, int]]] = {}
+    mine: dict[str, tuple[Box, tuple[int, ...], tuple]] = {}
+    for name in sorted(tensors):
+        dtype, shape = tensors[name]
+        box = box_of(strategy, name, shape, rank)
+        if box is None:
+            continue
+        if strategy is not None and name in strategy:
+            members = tuple(int(r) for r in strategy.replica_members(name, rank))
+        else:
+            members = tuple(range(world_size))
+        key = _class_key(strategy, name, world_size)
+        classes.setdefault(key, []).append((name, box.numel * dtypes.itemsize(dtype), len(members)))
+        mine[name] = (box, members, key)
+    picks: dict[str, int] = {}
+    for key, items in classes.items():
+        picks.update(_assign(items, key))
+    return [SharedRead(name, box, members[picks[name]], members) for name, (box, members, _key) in mine.items()]
 
 
 @dataclass(frozen=True)

@@ -536,7 +536,7 @@ class CkptWriter:
 
     def __init__(
         self,
-        f: BinaryIO,
+        f: Any,  # anything with write(bytes-like): a file, a positioned writer, a byte counter
         *,
         crc: bool = False,
         split_bytes: int = SPLIT_BYTES,

@@ -48,6 +48,8 @@ __all__ = [
     "write_sharded",
     "group_shards",
     "decode_metadata_values",
+    "copy_configs",
+    "safetensors_layout",
     "VALUES_KEY",
 ]
 
@@ -133,7 +135,7 @@ def writing(store: Store, fname: str) -> Iterator[BinaryIO]:
     if store.is_local:
         head, _, base = fname.rpartition("/")
         tmp = (head + "/" if head else "") + f".{base}.tmp-{uuid.uuid4().hex[:8]}"
-    f = store.open_write(tmp)
+    f: Any = store.open_write(tmp)  # a storage Writer; the codecs take any object with write()
     try:
         yield f
         store.close_durable(f)
@@ -182,6 +184,21 @@ def write_safetensors_file(
     """One ``.safetensors`` file with MindSpore's ``{"format": "ms"}`` metadata."""
     from ..codecs.safetensors import SafetensorsWriter
 
+    _layout, allitems, meta = safetensors_layout(items, values, metadata)
+    with writing(store, fname) as f:
+        w = SafetensorsWriter(f, [(it.name, it.dtype, tuple(it.shape)) for it in allitems], metadata=meta,
+                              name=store.child_url(fname))
+        for it in allitems:
+            arr = _check(it, it.fetch())
+            w.write(it.name, dtypes.byteview(arr))
+        w.close()
+
+
+def safetensors_layout(items: Sequence[OutItem], values: Mapping[str, Any], metadata: Mapping[str, str] | None = None):
+    """The layout of the ``.safetensors`` :func:`write_safetensors_file` writes (header, offsets) and every item
+    it holds: ``items``, then the plain values as scalar tensors (strings go to the header's metadata)."""
+    from ..codecs.safetensors import SafetensorsWriter
+
     allitems = list(items)
     strings: dict[str, str] = {}
     for name, v in values.items():
@@ -194,13 +211,26 @@ def write_safetensors_file(
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     if strings:
         meta[VALUES_KEY] = json.dumps(strings, ensure_ascii=False)
-    with writing(store, fname) as f:
-        w = SafetensorsWriter(f, [(it.name, it.dtype, tuple(it.shape)) for it in allitems], metadata=meta,
-                              name=store.child_url(fname))
-        for it in allitems:
-            arr = _check(it, it.fetch())
-            w.write(it.name, dtypes.byteview(arr))
-        w.close()
+    layout = SafetensorsWriter(None, [(it.name, it.dtype, tuple(it.shape)) for it in allitems], metadata=meta)
+    return layout, allitems, meta
+
+
+def copy_configs(src: Any, out: Store, *, json_only: bool = False) -> None:
+    """Copy SRC's config files.  ``json_only``: no YAML (MindFormers' from_pretrained takes a
+    directory with a YAML for a one-file ``.ckpt`` directory and would load only the first shard),
+    and a ``config.json`` derived from the YAML when SRC has none."""
+    import json
+
+    yamls = [n for n in src.config_files if naming.is_yaml(n)]
+    for n in src.config_files:
+        if not (json_only and n in yamls):
+            out.put_atomic(n, src.storage.read_bytes(n, limit=64 << 20))
+    if json_only and yamls and "config.json" not in src.config_files:
+        from ..mfconfig import config_json_from_yaml
+
+        pick = f"{src.name}.yaml" if f"{src.name}.yaml" in yamls else sorted(yamls)[0]
+        doc = config_json_from_yaml(src.storage, pick)
+        out.put_atomic("config.json", (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
 
 
 def decode_metadata_values(meta: Mapping[str, str], *, where: str = "safetensors metadata") -> dict[str, str]:

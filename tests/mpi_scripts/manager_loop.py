@@ -49,16 +49,17 @@ def main() -> None:
         for step in range(1, args.steps + 1):
             w = my_slice(weights(step), world, rank)
             if step == args.kill_at_step and rank == world - 1:
-                # die while this step's save is in flight: the data is half written
-                import distckpt.execute as dio
+                # die while this step's save is in flight: its data file is written (by the writer
+                # process), the commit has not happened
+                from distckpt.asyncsave import AsyncWriter
 
-                real = dio._writev_all
+                real = AsyncWriter.write
 
-                def die(fd, path, bufs, _real=real):
-                    _real(fd, path, bufs)
+                def die(self, *a, _real=real, **kw):
+                    _real(self, *a, **kw)
                     os.kill(os.getpid(), signal.SIGKILL)
 
-                dio._writev_all = die
+                AsyncWriter.write = die
             mgr.save(step, {"w": w, "step": step}, strategy=strategy(world))
             w[:] = -1  # training reuses its buffers at once
         mgr.close()
