@@ -350,7 +350,12 @@ def s3_rows(a, work: str, logs: str) -> dict:
                 args = {"size": a.s3_size, "head": True, "tool": "distckpt", "path": url, "dp": dp, "tp": tp, "dim": 0}
                 if flag is not None:
                     args["cooperative"] = flag
-                r = launch("mpirun", n, "s3load", args, logs=logs, env=s3.env)
+                try:
+                    r = launch("mpirun", n, "s3load", args, logs=logs, env=s3.env)
+                except LaunchFailed as exc:  # one variant failing leaves the others measured
+                    out["layouts"].setdefault(tag, {})[vname] = {"error": _tail(exc)}
+                    say(f"row 5 {tag} {vname} failed: {_tail(exc, 1)}")
+                    continue
                 served, gets = s3.get_bytes("ckpt/")
                 out["layouts"].setdefault(tag, {})[vname] = {
                     "served_bytes": served, "gets": gets, "needed_once": m.nbytes, "ratio": served / m.nbytes,
@@ -359,28 +364,47 @@ def s3_rows(a, work: str, logs: str) -> dict:
     return out
 
 
+def _tail(exc: BaseException, lines: int = 12) -> str:
+    """The last printable lines of a failure (the launch log's tail holds the traceback), the first
+    line naming an error (``...Error: ...``) last, so one line says what went wrong."""
+    text = [ln for ln in str(exc).splitlines() if ln.strip() and ln.isprintable()]
+    errors = [ln.strip() for ln in text if "Error" in ln and ":" in ln and not ln.startswith(" ")]
+    return "\n".join(text[-lines:] + errors[:1])
+
+
 def run_peers(a, work: str, logs: str) -> dict:
+    """Every row; a row whose tool fails is recorded under ``failed`` with its log's tail, and the rest run."""
     use_dcp, use_mf, use_ms = have("torch"), have("mindformers"), have("mindspore")
-    res: dict = {"targets": TARGETS, "skipped": {}}
+    res: dict = {"targets": TARGETS, "skipped": {}, "failed": {}}
     if not use_dcp:
         res["skipped"]["dcp"] = "torch not installed (pip install 'distckpt[bench]')"
     if not use_mf:
         res["skipped"]["mindformers"] = "mindformers not installed"
-    res["multi"] = multi_rank_rows(a, work, logs, use_dcp)
+
+    def row(key: str, fn, *args):
+        try:
+            res[key] = fn(*args)
+        except LaunchFailed as exc:
+            res["failed"][key] = _tail(exc)
+            say(f"{key} failed: {_tail(exc, 1)}")
+
+    row("multi", multi_rank_rows, a, work, logs, use_dcp)
     if use_ms:
-        res["cell"] = cell_rows(a, work, logs, use_mf)
+        row("cell", cell_rows, a, work, logs, use_mf)
     else:
         res["skipped"]["cell"] = "mindspore not installed: no Cell to save"
     if have("moto") and have("s3fs"):
-        res["s3"] = s3_rows(a, work, logs)
+        row("s3", s3_rows, a, work, logs)
     else:
         res["skipped"]["s3"] = "moto or s3fs not installed"
     say("limits: memcpy of the same bytes (best of N)")
-    sizes = [res["multi"]["model_bytes"]] + ([res["cell"]["model_bytes"]] if "cell" in res else [])
-    res["memcpy"] = run_child("memcpy", {"sizes": sizes, "reps": max(5, a.reps)}, logs=logs)["seconds"]
+    sizes = [peer_model(a.save_size, head=True).nbytes, peer_model(a.cell_size, head=False).nbytes]
+    row("memcpy", lambda: run_child("memcpy", {"sizes": sizes, "reps": max(5, a.reps)}, logs=logs)["seconds"])
     say("row 7: writers' balance of other layouts")
-    res["multi"]["balance"].update(run_child("balance", {"size": a.save_size, "dir": os.path.join(work, "balance")},
-                                             logs=logs)["layouts"])
+    row("balance", lambda: run_child("balance", {"size": a.save_size, "dir": os.path.join(work, "balance")},
+                                     logs=logs)["layouts"])
+    if "multi" in res and "balance" in res:
+        res["multi"]["balance"].update(res.pop("balance"))
     return res
 
 

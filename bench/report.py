@@ -89,6 +89,8 @@ def ratios(res: dict) -> list[dict]:
     if s3:
         for tag, vs in s3["layouts"].items():
             for v, r in vs.items():
+                if "error" in r:
+                    continue
                 target = T["cooperative"] if v in ("default", "cooperative=True") else None
                 add(GROUPS[3], f"{s3['ranks']} ranks load as {tag} ({v}): bytes served / needed once", r["served_bytes"],
                     r["needed_once"], target, "B", short=f"{tag} {v}")
@@ -182,6 +184,8 @@ def render(res: dict) -> str:
     )
     for k, why in res["peers"].get("skipped", {}).items():
         L.append(f"- **{k}: skipped** — {why}")
+    for k, why in res["peers"].get("failed", {}).items():
+        L.append(f"- **{k}: FAILED** — last lines of its log:\n\n```\n{why}\n```")
     L.append("\n## Ratios (distckpt / peer or limit; ≤ target passes)\n")
     L += ratio_table(res)
     p = res["peers"]
@@ -210,6 +214,9 @@ def render(res: dict) -> str:
         L.append("|---|---|---:|---:|---:|---:|---:|")
         for tag, vs in s3["layouts"].items():
             for v, r in vs.items():
+                if "error" in r:
+                    L.append(f"| {tag} | {v} | **failed**: {r['error'].splitlines()[-1][:150]} | | | | |")
+                    continue
                 L.append(f"| {tag} | {v} | {r['served_bytes'] / MiB:,.1f} | {r['gets']} | {r['ratio']:.3f} | {r['seconds']:.2f} | "
                          f"{r['peak_rss_max'] / MiB:,.0f} |")
     if p.get("memcpy"):
