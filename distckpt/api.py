@@ -87,10 +87,11 @@ def save(
     rank_mode = rank is not None and comm is None
     c: Communicator = SingleComm() if rank_mode else get_comm(comm)
     me: int = rank if rank is not None and rank_mode else c.rank
-    store = open_storage(path, storage_options)
+    store: Any = None
     prep: dict[str, Any] = {}
     error: BaseException | None = None
-    try:
+    try:  # step 1: everything local, so that a failure on one rank reaches the others (never a hang)
+        store = open_storage(path, storage_options)
         prep = _prepare_save(state, strategy, storage_options, me, c, rank_mode)
     except Exception as exc:  # noqa: BLE001 - every failure must reach the other ranks
         error = exc
@@ -98,6 +99,7 @@ def save(
     def new_id() -> str:
         if error is not None:
             raise error
+        assert store is not None
         sid = naming.new_save_id()
         _commit.write_marker(store, sid, rank=me if rank_mode else None)
         return sid
@@ -131,8 +133,8 @@ def save(
     def decide() -> dict:
         assert reports is not None
         failures = {r: x["e"] for r, x in enumerate(reports) if not x["ok"]}
-        if failures:
-            return {"failures": failures}
+        if failures:  # the coordinator words the error, so that every rank raises the same one
+            return {"failures": failures, "where": store.url}
         index = _commit.build_index(
             [x["r"] for x in reports], values=_commit.values_json(prep["values"]),
             where=store.child_url(naming.INDEX_NAME), **common,
@@ -151,7 +153,7 @@ def save(
         if c.size == 1 and error is not None:
             raise error
         raise DistributedError(
-            f"save to {store.url} failed on rank(s) {format_ranks(failures)}: "
+            f"save to {verdict.get('where', path)} failed on rank(s) {format_ranks(failures)}: "
             + "; ".join(f"rank {r}: {m}" for r, m in sorted(failures.items())),
             failures,
         ) from error
@@ -163,11 +165,12 @@ def _discard(c: Communicator, store, fname: str, save_id: str) -> None:
 
     If a rank cannot take part (it died), the marker stays, so ``gc`` can still prove the rest is ours.
     """
-    store.remove([fname])
+    if store is not None:  # None: this rank failed before it opened the storage, so it wrote nothing
+        store.remove([fname])
     try:
         if c.size > 1:
-            c.barrier("save.discard")
-        if c.rank == 0:
+            c.barrier("save.discard")  # every rank takes part, whatever it wrote
+        if c.rank == 0 and store is not None:
             store.remove([naming.save_marker(save_id)])
     except DistCkptError:
         pass
@@ -637,15 +640,17 @@ def verify(src, *, src_strategy=None, storage_options: dict | None = None, quiet
             note(exc, url, None, None)
     checked = 0
     for t in progress(list(source.tensors.values()), desc="verify", quiet=quiet):
+        tiled = True
         try:
             check_tiling(t.shape, [c.box for c in t.chunks], name=t.name)
         except DistCkptError as exc:
+            tiled = False
             note(exc, None, t.name, None)
         for i, c in enumerate(t.chunks):
             if c.file in bad_files:
                 continue
-            try:
-                read_box(source.storage, TensorInfo(t.name, t.dtype, t.shape, (c,)), c.box, verify=True)
+            try:  # through the whole tensor when it tiles, so that messages number chunks as the report does
+                read_box(source.storage, t if tiled else TensorInfo(t.name, t.dtype, t.shape, (c,)), c.box, verify=True)
                 checked += c.nbytes
             except DistCkptError as exc:
                 note(exc, source.storage.child_url(c.file), t.name, i)

@@ -7,7 +7,9 @@ invisible (and removed by the next retention pass or ``distckpt gc``).
 Who does what during ``save(step, ...)``:
 
 1. (all ranks) wait for the previous async save; re-raise its error if it failed;
-2. (all ranks) stage: copy this rank's arrays into host memory (async only);
+2. (all ranks) stage: copy this rank's arrays into host memory (async only; a rank that
+   cannot stage its state saves synchronously, so its error travels through the save's
+   protocol and every rank raises it -- never a rank alone, leaving the others waiting);
 3. (all ranks, background thread if async) ``distckpt.save`` into ``ROOT/{step}``;
 4. (rank 0) once committed, apply retention: delete old steps, never the
    newest committed one, never the best one, never one this process reads.
@@ -130,7 +132,10 @@ class CheckpointManager:
         if metrics is not None:
             meta["metrics"] = dict(metrics)
         if self.async_save:
-            staged = self._stage(state)
+            try:
+                staged = self._stage(state)
+            except Exception:  # noqa: BLE001 - the synchronous save below raises it on every rank, never a hang
+                staged = None
             if staged is not None:
                 self._thread = threading.Thread(
                     target=self._background, args=(step, staged, strategy, meta), name=f"distckpt-save-{step}", daemon=True
