@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve()
-TIMEOUT = 420  # seconds for a whole mpirun job: far below the 600 s default deadline of one collective
+TIMEOUT = 540  # seconds for a whole mpirun job (startup included): below the 600 s default deadline of one collective
 
 CORE_CASES = ["save_state", "save_strategy", "save_storage", "manager", "manager_async", "load"]
 PRETRAINED_CASES = ["save_pretrained", "load_pretrained"]
