@@ -598,15 +598,17 @@ def verify(src, *, src_strategy=None, storage_options: dict | None = None, quiet
             note(exc, url, None, None)
     checked = 0
     for t in progress(list(source.tensors.values()), desc="verify", quiet=quiet):
+        tiled = True
         try:
             check_tiling(t.shape, [c.box for c in t.chunks], name=t.name)
         except DistCkptError as exc:
+            tiled = False
             note(exc, None, t.name, None)
         for i, c in enumerate(t.chunks):
             if c.file in bad_files:
                 continue
-            try:
-                read_box(source.storage, TensorInfo(t.name, t.dtype, t.shape, (c,)), c.box, verify=True)
+            try:  # through the whole tensor when it tiles, so that messages number chunks as the report does
+                read_box(source.storage, t if tiled else TensorInfo(t.name, t.dtype, t.shape, (c,)), c.box, verify=True)
                 checked += c.nbytes
             except DistCkptError as exc:
                 note(exc, source.storage.child_url(c.file), t.name, i)
