@@ -575,6 +575,7 @@ def verify(src, *, src_strategy=None, storage_options: dict | None = None, quiet
     from .progress import progress
 
     source = _open(src, src_strategy, storage_options, iteration=iteration, **_model_options(model, qkv_layout, ffn_layout))
+    source = getattr(source, "base", None) or source  # a model map has no bytes of its own: check the files under it
     problems: list[dict] = []
     errors: list[DistCkptError] = []
 

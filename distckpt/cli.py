@@ -296,7 +296,9 @@ def _run(args: argparse.Namespace) -> int:
         from .manager import list_checkpoints
 
         rows = list_checkpoints(args.root, storage_options=so)
-        if args.json:
+        if args.json and rows.get("kind") == "mindformers":  # one object per iteration
+            _dump([{k: v for k, v in row.items() if k != "line"} for row in rows["entries"]])
+        elif args.json:
             _dump(rows)
         else:
             for row in rows["entries"]:

@@ -233,13 +233,25 @@ def gc(path, *, storage_options: dict | None = None, dry_run: bool = False) -> l
             debris.append(n)  # a save that did not commit (a committed save's marker goes at commit)
         elif naming.is_manifest(n) and committed_id:
             debris.append(n)
-        elif n.startswith(f".{naming.INDEX_NAME}.") and n.endswith(".tmp") and (committed or proven):
-            debris.append(n)  # a commit interrupted before its rename
+        elif (committed or proven) and _our_temp(n):
+            debris.append(n)  # a write of one of our files interrupted before its rename
     debris += [n for n in staging if n not in debris]
     if not dry_run:
         store.remove(debris)
     return sorted(debris)
 
+
+
+def _our_temp(name: str) -> bool:
+    """A temporary name (``.{base}.tmp-{id}``) of a file only distckpt writes (index, manifest, marker, data)."""
+    from .storage.base import TMP_NAME_RE
+
+    m = TMP_NAME_RE.match(name)
+    if not m:
+        return False
+    base = m.group("base")
+    return (base == naming.INDEX_NAME or naming.is_manifest(base) or naming.is_save_marker(base)
+            or naming.is_data_file(base))
 
 
 def distckpt_files(store: Store) -> list[str]:

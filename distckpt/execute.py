@@ -16,11 +16,12 @@ intermediate buffers, no per-block Python loops on the data):
   own buffers to the kernel, every short write resumed (so every byte is
   checked to have landed); crc32c runs on a helper thread over the same
   buffers while the writes go on, and the file is fsynced;
-* reads: the file is mapped once (``mmap``, copy-on-write) and a box is one
+* reads: the file is mapped once (``mmap``, read-only) and a box is one
   vectorised numpy copy out of the mapped chunk, strided boxes included, so the
-  page cache does the narrowing; a box that *is* a whole chunk is returned as a
-  view of the mapping (no copy at all).  Checksums of the touched blocks are
-  computed on a helper thread beside the copies.
+  page cache does the narrowing; a box that *is* a whole chunk is returned as an
+  array over a private copy-on-write mapping of its own (no copy at all; writing
+  to it changes nothing else).  Checksums of the touched blocks are computed on
+  helper threads beside the copies.
 Object stores keep the planned ranged reads (:func:`distckpt.plan.plan_box_reads`).
 """
 
@@ -30,7 +31,6 @@ import bisect
 import errno
 import mmap
 import os
-import stat
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -48,6 +48,7 @@ from .index import Chunk, TensorInfo
 from .layout import Box
 from .plan import LOCAL_COST, REMOTE_COST, c_strides, plan_box_reads
 from .storage import Storage
+from .storage.local import open_regular
 
 __all__ = ["block_crcs", "write_chunk_file", "read_box", "ReadStats", "PendingChunk"]
 
@@ -119,7 +120,7 @@ def write_chunk_file(
     if storage.is_local:
         return _write_local(storage, fname, pending, block_size=block_size, rank=rank, checksums=checksums)
     specs = [(p.key, p.dtype, p.box.sizes) for p in pending]
-    f = storage.open_write(fname)
+    f: Any = storage.open_write(fname)  # a storage Writer; the codecs take any object with write()
     # checksums run on a helper thread one piece behind the writer (crc32c and
     # the writes release the GIL), the last ones beside the final fsync
     pool = ThreadPoolExecutor(1, thread_name_prefix="distckpt-crc") if checksums else None
@@ -427,7 +428,7 @@ _MAPS_LOCK = threading.Lock()
 
 
 def _mapping(storage: Storage, fname: str, need: int) -> mmap.mmap:
-    """A copy-on-write map of a local data file (cached per storage); refuses non-regular and short files."""
+    """A read-only map of a local data file (cached per storage); refuses non-regular and short files."""
     with _MAPS_LOCK:
         maps = _MAPS.setdefault(storage, {})
         mm = maps.get(fname)
@@ -438,23 +439,41 @@ def _mapping(storage: Storage, fname: str, need: int) -> mmap.mmap:
     if check is not None:
         check(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = open_regular(path)
     except FileNotFoundError:
         raise StorageError(f"{path}: data file not found") from None
+    except IsADirectoryError:
+        raise StorageError(f"{path}: is a directory, not a data file") from None
     except OSError as exc:
         raise StorageError(f"{path}: cannot open: {exc.strerror or exc}") from None
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise StorageError(f"{path}: not a regular file; refusing to read it")
         if info.st_size < need:  # mapping past the end would crash (SIGBUS) on the first touch
             raise FormatError(f"{path}: file ends at byte {info.st_size}, before byte {need} (truncated?)")
-        mm = mmap.mmap(fd, info.st_size, access=mmap.ACCESS_COPY)
+        mm = mmap.mmap(fd, info.st_size, access=mmap.ACCESS_READ)
     finally:
         os.close(fd)
     with _MAPS_LOCK:
         _MAPS.setdefault(storage, {})[fname] = mm
     return mm
+
+
+def _private_chunk(storage: Storage, chunk: Chunk, dtype: np.dtype) -> np.ndarray:
+    """A chunk as an array of its own: a private copy-on-write mapping (writes touch neither the file
+    nor any other read), so a whole-chunk read costs no copy at all."""
+    start, length = chunk.segments[0]
+    if not length:
+        return np.empty(chunk.box.sizes, dtype=dtype)
+    _mapping(storage, chunk.file, start + length)  # the checks (regular file, inside the root, long enough)
+    lo = start - start % mmap.ALLOCATIONGRANULARITY
+    fd = open_regular(storage.path(chunk.file))
+    try:
+        mm = mmap.mmap(fd, start + length - lo, offset=lo, access=mmap.ACCESS_COPY)
+    finally:
+        os.close(fd)
+    item = dtype.itemsize
+    flat = np.frombuffer(mm, dtype=np.dtype(f"u{item}"), count=length // item, offset=start - lo)
+    return flat.view(dtype).reshape(chunk.box.sizes)
 
 
 def _chunk_array(storage: Storage, chunk: Chunk, dtype: np.dtype) -> np.ndarray:
@@ -491,18 +510,22 @@ def _read_mapped(storage, tensor, target, hits, dtype, out, verify, st) -> np.nd
                 raise type(exc)(f"tensor {tensor.name!r}: {exc}") from None
             lo, hi = _span(chunk, inter, item) if inter.numel else (0, 0)
             start = chunk.segments[0][0]
-            st.bytes_needed += inter.numel * item
+            needed = inter.numel * item
+            st.bytes_needed += needed
             st.requests += 1
             if verify and chunk.crcs is not None and hi > lo:
                 bs = chunk.block_size
                 lo, hi = (lo // bs) * bs, min(-(-hi // bs) * bs, chunk.nbytes)
                 mv = memoryview(_mapping(storage, chunk.file, start + chunk.nbytes))[start + lo : start + hi]
                 checks.append((ci, chunk, lo, _pool().submit(block_crcs, mv, bs)))
-            start = chunk.segments[0][0]
-            st.touch((id(storage), chunk.file), start + lo, start + hi)
+                st.touch((id(storage), chunk.file), start + lo, start + hi)  # checksummed: whole blocks are read
+            elif hi - lo == needed:
+                st.touch((id(storage), chunk.file), start + lo, start + hi)  # one run of bytes
+            else:
+                st.bytes_read += needed  # a strided box: only its rows' bytes are copied out of the mapping
             views.append((arr, chunk, inter))
         if out is None and len(views) == 1 and views[0][1].box == target:
-            result = views[0][0]  # the whole chunk: a view of the mapping, no copy
+            result = _private_chunk(storage, views[0][1], dtype)  # the whole chunk: mapped, no copy
         else:
             result = np.empty(target.sizes, dtype=dtype) if out is None else out
             for arr, chunk, inter in views:

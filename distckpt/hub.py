@@ -17,8 +17,17 @@ first weight set found among ``mindspore_model.ckpt.index.json`` + the shards of
 its ``weight_map``, ``mindspore_model.ckpt``, ``model.safetensors.index.json`` +
 shards, ``model.safetensors``, ``distckpt.index.json`` + the keys of its
 ``files`` object; then the optional tokenizer/generation files by known name.
-File names read from an index or listing are untrusted: ``..``, absolute paths
-and backslashes are refused with :class:`~distckpt.errors.DownloadError`.
+File names read from an index or listing are untrusted: each is checked by
+:func:`distckpt.storage.safe_name` (no ``..``, absolute paths or backslashes) and
+refused with :class:`~distckpt.errors.DownloadError`.
+
+Transport, retries and temp files come from :mod:`distckpt.storage`: the hub is a
+:class:`~distckpt.storage.Store` (``HttpStore`` for http(s), any other backend
+otherwise) read with ``open_stream`` (``Range`` resume); each file is downloaded
+with the storage :class:`~distckpt.storage.RetryPolicy` (``MAX_ATTEMPTS``
+attempts, every attempt resuming from the partial file) into a local store
+writer that checks every byte (``open_write(..., resume_at=)``), moved into
+place with ``Store.replace`` and recorded with ``Store.put_atomic``.
 
 Cache layout (root: ``cache_dir=`` or ``$DISTCKPT_CACHE`` or ``~/.cache/distckpt``)::
 
@@ -42,12 +51,23 @@ import os
 import re
 import sys
 import time
-import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from .errors import ConfigError, DownloadError, require
+from .errors import DownloadError, StorageError
+from .storage import (
+    SMALL_FILE_LIMIT,
+    RetryExhausted,
+    RetryPolicy,
+    Store,
+    Stream,
+    TransientError,
+    open_storage,
+    safe_name,
+)
+from .storage.http import HttpStore
+from .storage.local import LocalStore
 
 try:  # POSIX; elsewhere downloads are not serialized across processes
     import fcntl
@@ -64,7 +84,8 @@ MODELS_NAME = "models.json"
 
 BLOCK_SIZE = 8 << 20  # bytes per streamed block
 MAX_ATTEMPTS = 4  # per file; later attempts resume from the partial file
-HTTP_TIMEOUT = (10.0, 60.0)  # connect, read (seconds)
+FIRST_RETRY_DELAY = 0.5  # seconds before the second attempt; doubles, at most MAX_RETRY_DELAY
+MAX_RETRY_DELAY = 4.0
 LOCK_TIMEOUT = 6 * 3600.0  # seconds to wait for another process's download of the same file
 
 _CONFIG_JSON = "config.json"
@@ -87,7 +108,7 @@ _OPTIONAL_FILES = (
     "generation_config.json",
 )
 _INCOMPLETE = ".incomplete"
-_NAME_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+_HTTP_HUB_OPTIONS = ("headers", "timeout", "verify")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,15 +177,15 @@ def resolve(
             f"run once with network access or drop local_files_only"
         )
 
+    cache = LocalStore(model_dir)
     if force_download:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(manifest)
-    transport = _make_transport(hub, proxies, storage_options)
+        cache.remove([MANIFEST_NAME])
+    store = _open_hub(hub, proxies, storage_options)
     try:
         fetcher = _Fetcher(
-            transport=transport,
+            store=store,
             name=name,
-            model_dir=model_dir,
+            cache=cache,
             lock_dir=os.path.join(cache_root, ".locks", hub_id, *name.split("/")),
             force=force_download,
             resume=resume_download,
@@ -172,11 +193,9 @@ def resolve(
         )
         files = fetcher.run()
     finally:
-        transport.close()
-    _write_json_atomic(
-        manifest,
-        {"format": "distckpt-hub-cache/1", "hub": hub, "name": name, "files": files, "time": time.time()},
-    )
+        store.close()
+    record = {"format": "distckpt-hub-cache/1", "hub": hub, "name": name, "files": files, "time": time.time()}
+    cache.put_atomic(MANIFEST_NAME, json.dumps(record, indent=1, sort_keys=True).encode("utf-8"))
     return model_dir
 
 
@@ -195,17 +214,19 @@ def list_models(
     hub = _hub_url(hub_url)
     if hub is None:
         raise DownloadError(f"no model hub is configured; set {HUB_ENV} or pass hub_url=")
-    transport = _make_transport(hub, proxies, storage_options)
+    store = _open_hub(hub, proxies, storage_options)
     try:
-        url = transport.url(MODELS_NAME)
+        url = store.child_url(MODELS_NAME)
         try:
-            raw = transport.read_bytes(MODELS_NAME)
-        except _Missing:
+            raw = _policy().call(f"reading {url}", lambda: store.read_bytes(MODELS_NAME, limit=SMALL_FILE_LIMIT))
+        except FileNotFoundError:
             raise DownloadError(f"hub {hub} has no model list (tried {url}); publish a JSON list there") from None
-        except _Transient as exc:
+        except RetryExhausted as exc:
+            raise DownloadError(f"could not read the model list {url}: {_last_failure(exc)}") from None
+        except StorageError as exc:
             raise DownloadError(f"could not read the model list {url}: {exc}") from None
     finally:
-        transport.close()
+        store.close()
     data = _loads(raw, url)
     items: list[Any] = []
     if isinstance(data, list):
@@ -252,28 +273,25 @@ def _name_from(raw: str, hub: Optional[str]) -> Optional[str]:
 
 
 def _check_model_name(name: str) -> None:
-    if ".." in name or not _NAME_RE.match(name) or "." in name.split("/"):
+    try:
+        safe_name(name, what="model name", allow_subdirs=True)
+    except StorageError:
         raise DownloadError(
             f"{name!r} is neither a local directory nor a valid model name "
-            f"(a name uses only A-Z a-z 0-9 . _ - and '/', with no '.' or '..' part and no leading '/')"
-        )
+            f"(a name uses only A-Z a-z 0-9 . _ + = @ - and '/', with no '.' or '..' part and no leading '/')"
+        ) from None
 
 
 def _check_file_name(rel: Any, source: str) -> str:
     """Validate an untrusted relative file name from an index or listing."""
     if not isinstance(rel, str) or not rel:
         raise DownloadError(f"{source} names an invalid file {rel!r}; expected a non-empty relative path")
-    parts = rel.split("/")
-    if (
-        "\\" in rel
-        or "\x00" in rel
-        or rel.startswith("/")
-        or os.path.isabs(rel)
-        or re.match(r"^[A-Za-z]:", rel)
-        or any(p in ("", ".", "..") for p in parts)
-        or parts[-1] == MANIFEST_NAME
-        or rel.endswith((_INCOMPLETE, ".lock"))
-    ):
+    try:
+        safe_name(rel, what=f"file name in {source}", allow_subdirs=True)
+        ok = rel.rsplit("/", 1)[-1] != MANIFEST_NAME and not rel.endswith((_INCOMPLETE, ".lock"))
+    except StorageError:
+        ok = False
+    if not ok:
         raise DownloadError(
             f"{source} names the file {rel!r}, which is not a plain relative path "
             f"(no '..', no absolute path, no backslash); refusing to download it"
@@ -288,10 +306,9 @@ def _hub_id(hub: str) -> str:
     return f"{scheme}--{slug}--{digest}"
 
 
-def _read_manifest(model_dir: str) -> Optional[dict[str, int]]:
+def _read_manifest(cache: Store) -> Optional[dict[str, int]]:
     try:
-        with open(os.path.join(model_dir, MANIFEST_NAME), "rb") as f:
-            data = json.loads(f.read())
+        data = json.loads(cache.read_bytes(MANIFEST_NAME, limit=SMALL_FILE_LIMIT))
     except (OSError, ValueError):
         return None
     files = data.get("files") if isinstance(data, dict) else None
@@ -301,13 +318,14 @@ def _read_manifest(model_dir: str) -> Optional[dict[str, int]]:
 
 
 def _cache_complete(model_dir: str) -> bool:
-    files = _read_manifest(model_dir)
+    cache = LocalStore(model_dir)
+    files = _read_manifest(cache)
     if files is None:
         return False
     for rel, size in files.items():
         try:
             _check_file_name(rel, "cache manifest")
-            if os.path.getsize(os.path.join(model_dir, *rel.split("/"))) != size:
+            if cache.size(rel) != size:
                 return False
         except (DownloadError, OSError):
             return False
@@ -317,30 +335,11 @@ def _cache_complete(model_dir: str) -> bool:
 def _find_cached_any_hub(cache_root: str, name: str) -> Optional[str]:
     """A complete cached copy of ``name`` from any hub, when exactly one exists."""
     try:
-        hubs = sorted(e for e in os.listdir(cache_root) if not e.startswith("."))
+        hubs = [e for e in LocalStore(cache_root).listdir() if not e.startswith(".")]
     except OSError:
         return None
     found = [d for d in (os.path.join(cache_root, h, *name.split("/")) for h in hubs) if _cache_complete(d)]
     return found[0] if len(found) == 1 else None
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path))
-
-
-def _fsync_dir(path: str) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _stderr_is_tty() -> bool:
@@ -387,184 +386,38 @@ def _file_lock(path: str) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------------------------
-# transports
+# the hub as a store; the retry policy
 # ----------------------------------------------------------------------------------------------
-class _Missing(Exception):
-    """The file does not exist on the hub."""
-
-
-class _Transient(Exception):
-    """A retryable transfer failure (connection reset, short body, 5xx...)."""
-
-
-@dataclass
-class _Body:
-    start: int  # offset the body begins at: the requested offset, or 0 when the server restarts
-    total: Optional[int]  # full file size when known
-    chunks: Iterator[bytes]
-    close: Callable[[], None] = field(default=lambda: None)
-
-
-class _HttpTransport:
-    """http(s) through ``requests``: streaming, ``Range`` resume, proxies."""
-
-    def __init__(self, base: str, proxies: Optional[Mapping[str, str]], options: Mapping[str, Any]):
-        requests = require("requests", "http")
-        unknown = set(options) - {"headers", "timeout", "verify"}
-        if unknown:
-            raise ConfigError(
-                f"storage_options {sorted(unknown)} are not supported for the http hub {base}; use headers, timeout, verify"
-            )
-        self._requests = requests
-        self.base = base
-        self.session = requests.Session()
-        self.session.trust_env = True
-        if proxies:
-            self.session.proxies.update(dict(proxies))
-        self.session.headers.update(dict(options.get("headers") or {}))
-        if "verify" in options:
-            self.session.verify = options["verify"]
-        self.timeout = options.get("timeout", HTTP_TIMEOUT)
-
-    def url(self, rel: str) -> str:
-        return _join(self.base, urllib.parse.quote(rel, safe="/"))
-
-    def close(self) -> None:
-        self.session.close()
-
-    def _get(self, rel: str, headers: dict[str, str]) -> Any:
-        try:
-            return self.session.get(self.url(rel), headers=headers, stream=True, timeout=self.timeout)
-        except self._requests.RequestException as exc:
-            raise _Transient(f"{type(exc).__name__}: {exc}") from None
-
-    def _check_status(self, resp: Any, rel: str) -> None:
-        code = resp.status_code
-        if code in (404, 410):
-            resp.close()
-            raise _Missing(rel)
-        if code >= 500 or code in (408, 429):
-            resp.close()
-            raise _Transient(f"HTTP {code} from {self.url(rel)}")
-        if code >= 400:
-            resp.close()
-            raise DownloadError(
-                f"HTTP {code} {resp.reason} for {self.url(rel)}; check access rights, headers or proxies "
-                f"(a hub that answers {code} for absent files should publish {{model}}/{LISTING_NAME} so nothing is probed)"
-            )
-
-    def open(self, rel: str, offset: int) -> _Body:
-        headers = {"Accept-Encoding": "identity"}
-        if offset:
-            headers["Range"] = f"bytes={offset}-"
-        resp = self._get(rel, headers)
-        if offset and resp.status_code == 416:
-            m = re.match(r"bytes \*/(\d+)", resp.headers.get("Content-Range", ""))
-            resp.close()
-            if m and int(m.group(1)) == offset:  # the partial file is already whole
-                return _Body(start=offset, total=offset, chunks=iter(()))
-            return self.open(rel, 0)
-        self._check_status(resp, rel)
-        length = resp.headers.get("Content-Length")
-        start, total = 0, None
-        if resp.status_code == 206:
-            m = re.match(r"bytes (\d+)-(\d+)/(\d+|\*)", resp.headers.get("Content-Range", ""))
-            if not m or int(m.group(1)) != offset:
-                resp.close()
-                return self.open(rel, 0)
-            start = offset
-            total = int(m.group(3)) if m.group(3) != "*" else None
-        elif length is not None and length.isdigit():
-            total = int(length)
-        return _Body(start=start, total=total, chunks=self._chunks(resp), close=resp.close)
-
-    def _chunks(self, resp: Any) -> Iterator[bytes]:
-        try:
-            yield from resp.iter_content(chunk_size=BLOCK_SIZE)
-        except (self._requests.RequestException, OSError) as exc:
-            raise _Transient(f"{type(exc).__name__}: {exc}") from None
-
-    def read_bytes(self, rel: str) -> bytes:
-        resp = self._get(rel, {"Accept-Encoding": "identity"})
-        self._check_status(resp, rel)
-        try:
-            return resp.content
-        except (self._requests.RequestException, OSError) as exc:
-            raise _Transient(f"{type(exc).__name__}: {exc}") from None
-        finally:
-            resp.close()
-
-
-class _FsspecTransport:
-    """Any other fsspec URL (``file://``, ``memory://``, ``s3://``, plain paths...)."""
-
-    def __init__(self, base: str, options: Mapping[str, Any]):
-        import fsspec
-
-        self.base = base
-        self.fs, self.root = fsspec.core.url_to_fs(base, **dict(options))
-
-    def url(self, rel: str) -> str:
-        return _join(self.base, rel)
-
-    def _path(self, rel: str) -> str:
-        return _join(self.root, rel) if self.root else rel
-
-    def close(self) -> None:
-        pass
-
-    def _size(self, rel: str) -> int:
-        try:
-            info = self.fs.info(self._path(rel))
-        except FileNotFoundError:
-            raise _Missing(rel) from None
-        except OSError as exc:
-            raise _Transient(f"{type(exc).__name__}: {exc}") from None
-        if info.get("type") == "directory":
-            raise _Missing(rel)
-        return int(info["size"])
-
-    def open(self, rel: str, offset: int) -> _Body:
-        size = self._size(rel)
-        if offset > size:
-            offset = 0
-        try:
-            f = self.fs.open(self._path(rel), "rb")
-            if offset:
-                f.seek(offset)
-        except FileNotFoundError:
-            raise _Missing(rel) from None
-        except OSError as exc:
-            raise _Transient(f"{type(exc).__name__}: {exc}") from None
-
-        def chunks() -> Iterator[bytes]:
-            try:
-                while True:
-                    block = f.read(BLOCK_SIZE)
-                    if not block:
-                        return
-                    yield block
-            except OSError as exc:
-                raise _Transient(f"{type(exc).__name__}: {exc}") from None
-
-        return _Body(start=offset, total=size, chunks=chunks(), close=f.close)
-
-    def read_bytes(self, rel: str) -> bytes:
-        self._size(rel)
-        try:
-            return bytes(self.fs.cat_file(self._path(rel)))
-        except FileNotFoundError:
-            raise _Missing(rel) from None
-        except OSError as exc:
-            raise _Transient(f"{type(exc).__name__}: {exc}") from None
-
-
-def _make_transport(
-    hub: str, proxies: Optional[Mapping[str, str]], storage_options: Optional[Mapping[str, Any]]
-) -> _HttpTransport | _FsspecTransport:
+def _open_hub(hub: str, proxies: Optional[Mapping[str, str]], storage_options: Optional[Mapping[str, Any]]) -> Store:
+    """The hub as a read store.  Its own retries are off: :func:`_policy` retries whole downloads."""
+    opts = dict(storage_options or {})
+    store: Store
     if hub.startswith(("http://", "https://")):
-        return _HttpTransport(hub, proxies, storage_options or {})
-    return _FsspecTransport(hub, storage_options or {})
+        unknown = set(opts) - set(_HTTP_HUB_OPTIONS)
+        if unknown:
+            from .errors import ConfigError
+
+            raise ConfigError(
+                f"storage_options {sorted(unknown)} are not supported for the http hub {hub}; use headers, timeout, verify"
+            )
+        store = HttpStore(hub, opts, proxies=proxies)
+    else:
+        store = open_storage(hub, opts)
+    store.retry_policy = RetryPolicy(attempts=1)
+    return store
+
+
+def _last_failure(exc: RetryExhausted) -> BaseException:
+    """The failure under nested retry wrappers (the hub store's single attempt inside the hub policy)."""
+    last: BaseException = exc
+    while isinstance(last, RetryExhausted) and last.last is not None:
+        last = last.last
+    return last
+
+
+def _policy() -> RetryPolicy:
+    """Attempts per file (``MAX_ATTEMPTS``, read at call time), backoff from ``FIRST_RETRY_DELAY``."""
+    return RetryPolicy(attempts=MAX_ATTEMPTS, first_delay=FIRST_RETRY_DELAY, max_delay=MAX_RETRY_DELAY)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -572,9 +425,9 @@ def _make_transport(
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class _Fetcher:
-    transport: _HttpTransport | _FsspecTransport
+    store: Store
     name: str
-    model_dir: str
+    cache: LocalStore
     lock_dir: str
     force: bool
     resume: bool
@@ -591,7 +444,7 @@ class _Fetcher:
         if not self._weights(listing):
             if listing is not None:
                 raise DownloadError(
-                    f"{self.transport.url(self._rel(LISTING_NAME))} lists no weights for model {self.name!r} "
+                    f"{self.url(LISTING_NAME)} lists no weights for model {self.name!r} "
                     f"(expected one of {', '.join(_WEIGHT_FILES)}); fix the listing on the hub"
                 )
             raise DownloadError(f"model {self.name!r} has no weights on the hub; tried {', '.join(self.tried)}")
@@ -603,7 +456,7 @@ class _Fetcher:
     def _listing(self) -> Optional[list[str]]:
         if not self.get(LISTING_NAME):
             return None
-        source = self.transport.url(self._rel(LISTING_NAME))
+        source = self.url(LISTING_NAME)
         data = _loads(self._read_local(LISTING_NAME), source)
         if not isinstance(data, list):
             raise DownloadError(f"{source} must be a JSON list of file names, got {type(data).__name__}")
@@ -633,7 +486,7 @@ class _Fetcher:
                 continue
             found = True
             if shards_of is not None:
-                source = self.transport.url(self._rel(rel))
+                source = self.url(rel)
                 data = _loads(self._read_local(rel), source)
                 shards = list(dict.fromkeys(_check_file_name(s, source) for s in shards_of(data, source)))
                 if not shards:
@@ -641,8 +494,7 @@ class _Fetcher:
                 for shard in shards:
                     if not self.get(shard, required=True):
                         raise DownloadError(
-                            f"{source} names {shard!r} but {self.transport.url(self._rel(shard))} does not exist; "
-                            f"re-publish the checkpoint"
+                            f"{source} names {shard!r} but {self.url(shard)} does not exist; re-publish the checkpoint"
                         )
             if listing is None:
                 break  # first weight set found wins, like from_pretrained
@@ -652,75 +504,75 @@ class _Fetcher:
     def _rel(self, rel: str) -> str:
         return f"{self.name}/{rel}"
 
-    def _local(self, rel: str) -> str:
-        return os.path.join(self.model_dir, *rel.split("/"))
+    def url(self, rel: str) -> str:
+        return self.store.child_url(self._rel(rel))
 
     def _read_local(self, rel: str) -> bytes:
-        with open(self._local(rel), "rb") as f:
-            return f.read()
+        return self.cache.read_bytes(rel, limit=SMALL_FILE_LIMIT)
 
     def get(self, rel: str, required: bool = False) -> bool:
         """Make ``rel`` present in the cache; False when the hub does not have it."""
-        url = self.transport.url(self._rel(rel))
+        url = self.url(rel)
         self.tried.append(url)
-        dest = self._local(rel)
-        if not _download(self.transport, self._rel(rel), url, dest, self._lock(rel), self):
+        if not _download(self, rel, url):
             if required:
                 raise DownloadError(f"{url} does not exist although the hub lists it for model {self.name!r}")
             return False
-        self.files[rel] = os.path.getsize(dest)
+        self.files[rel] = self.cache.size(rel)
         return True
 
     def _lock(self, rel: str) -> str:
         return os.path.join(self.lock_dir, *rel.split("/")) + ".lock"
 
 
-def _download(
-    transport: _HttpTransport | _FsspecTransport, hub_rel: str, url: str, dest: str, lock: str, opts: _Fetcher
-) -> bool:
-    if not opts.force and os.path.isfile(dest):
+def _is_file(cache: Store, rel: str) -> bool:
+    st = cache.stat(rel)
+    return st is not None and st.kind == "file"
+
+
+def _download(f: _Fetcher, rel: str, url: str) -> bool:
+    """Download ``rel`` into the cache (resuming ``rel.incomplete``); False when the hub lacks it."""
+    cache = f.cache
+    if not f.force and _is_file(cache, rel):
         return True
-    tmp = dest + _INCOMPLETE
-    with _file_lock(lock):
-        if not opts.force and os.path.isfile(dest):
+    tmp = rel + _INCOMPLETE
+    with _file_lock(f._lock(rel)):
+        if not f.force and _is_file(cache, rel):
             return True  # another process finished it while we waited
-        if opts.force or not opts.resume:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
-        error: Optional[str] = None
-        for attempt in range(MAX_ATTEMPTS):
-            if attempt:
-                time.sleep(min(0.25 * 2**attempt, 4.0))
-            offset = os.path.getsize(tmp) if os.path.exists(tmp) else 0
-            if not opts.resume:
-                offset = 0
+        if f.force or not f.resume:
+            cache.remove([tmp])
+
+        def attempt() -> None:
+            st = cache.stat(tmp) if f.resume else None
+            body = f.store.open_stream(f._rel(rel), st.size if st is not None and st.kind == "file" else 0, block=BLOCK_SIZE)
             try:
-                body = transport.open(hub_rel, offset)
-            except _Missing:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(tmp)
-                return False
-            except _Transient as exc:
-                error = str(exc)
-                continue
-            try:
-                _stream(body, tmp, url, opts.show_progress)
-            except _Transient as exc:
-                error = str(exc)
-                continue
+                _stream(body, cache, tmp, url, f.show_progress)
             finally:
                 body.close()
-            os.replace(tmp, dest)
-            _fsync_dir(os.path.dirname(dest))
-            return True
-    raise DownloadError(
-        f"downloading {url} failed after {MAX_ATTEMPTS} attempts ({error}); "
-        f"run again to resume{' from ' + tmp if opts.resume else ''}"
-    )
+
+        try:
+            _policy().call(f"downloading {url}", attempt)
+        except DownloadError:
+            raise
+        except FileNotFoundError:
+            cache.remove([tmp])
+            return False
+        except RetryExhausted as exc:
+            raise DownloadError(
+                f"downloading {url} failed after {exc.attempts} attempts ({_last_failure(exc)}); "
+                f"run again to resume{' from ' + cache.path(tmp) if f.resume else ''}"
+            ) from None
+        except StorageError as exc:
+            hint = ""
+            if getattr(exc, "status", None):
+                hint = f" (a hub that answers {exc.status} for absent files should publish {{model}}/{LISTING_NAME} so nothing is probed)"  # type: ignore[attr-defined]
+            raise DownloadError(f"{exc}{hint}") from None
+        cache.replace(tmp, rel)
+        return True
 
 
-def _stream(body: _Body, tmp: str, url: str, show_progress: bool) -> None:
-    """Write ``body`` to ``tmp`` (appending when it resumes), fsync, check the size."""
+def _stream(body: Stream, cache: Store, tmp: str, url: str, show_progress: bool) -> None:
+    """Write ``body`` to ``tmp`` (continuing at ``body.start``), commit it, check the size."""
     bar = None
     if show_progress:
         with contextlib.suppress(ImportError):
@@ -735,24 +587,22 @@ def _stream(body: _Body, tmp: str, url: str, show_progress: bool) -> None:
                 desc=url.rsplit("/", 1)[-1],
                 leave=False,
             )
-    os.makedirs(os.path.dirname(tmp), exist_ok=True)
+    w = cache.open_write(tmp, resume_at=body.start)  # abort keeps the bytes: the next attempt resumes
     try:
-        with open(tmp, "ab" if body.start else "wb") as f:
-            if body.start:
-                f.truncate(body.start)
-                f.seek(body.start)
-            for block in body.chunks:
-                f.write(block)
-                if bar is not None:
-                    bar.update(len(block))
-            f.flush()
-            os.fsync(f.fileno())
-            size = f.tell()
+        for block in body.chunks:
+            w.write(block)
+            if bar is not None:
+                bar.update(len(block))
+        size = w.tell()
+        w.commit()
+    except BaseException:
+        w.abort()
+        raise
     finally:
         if bar is not None:
             bar.close()
     if body.total is not None and size != body.total:
-        raise _Transient(f"got {size} of {body.total} bytes")
+        raise TransientError(f"got {size} of {body.total} bytes")
 
 
 def _weight_map_files(data: Any, source: str) -> Iterable[Any]:

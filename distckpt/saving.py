@@ -86,6 +86,7 @@ class SaveJob:
         self.tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
         self.items: list[WriteItem] = []
         self.pieces: list[np.ndarray] = []
+        self.arrays: dict[str, np.ndarray] = {}
         try:
             self._prepare(state, strategy, storage_options)
         except Exception as exc:  # noqa: BLE001 - every failure must reach the other ranks
@@ -131,6 +132,7 @@ class SaveJob:
                     + (f" ({len(lacking)} such tensors)" if len(lacking) > 1 else "")
                 )
         self.strategy, self.world, self.values, self.tensors = strat, world, values, tensors
+        self.arrays = arrays
         self.items = plan_writes(tensors, strat, world, me)
         self.pieces = []
         for it in self.items:

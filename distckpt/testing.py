@@ -1,9 +1,10 @@
 """Reusable contract checks for storage backends (zarr ``testing/store.py`` style).
 
-``check_storage_contract(url)`` exercises every primitive :class:`~distckpt.storage.Storage`
-relies on against a fresh, empty directory URL, and ``check_roundtrip(url)``
-saves and loads a small checkpoint there.  Both raise ``AssertionError``
-naming the primitive that misbehaves; use them to qualify a new fsspec backend::
+``check_storage_contract(url)`` exercises every primitive :class:`~distckpt.storage.Store`
+relies on, the derived methods callers use, and :class:`~distckpt.storage.Staging`
+against a fresh, empty directory URL; ``check_roundtrip(url)`` saves and loads
+a small checkpoint there.  Both raise ``AssertionError`` naming the primitive
+that misbehaves; use them to qualify a new backend::
 
     from distckpt.testing import check_storage_contract, check_roundtrip
     check_storage_contract("myfs://bucket/tmp/contract")
@@ -18,15 +19,24 @@ process, with every primitive of :class:`~distckpt.comm.MPIComm`::
 from __future__ import annotations
 
 import collections
+import json
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from .comm import Communicator, _pieces, comm_timeout, format_ranks
-from .errors import StorageError
-from .storage import Storage, open_storage
+from .errors import DestinationExistsError, StorageError
+from .storage import (
+    MARKER_NAME,
+    Capabilities,
+    Staging,
+    Store,
+    find_staging_debris,
+    open_storage,
+    read_small,
+)
 
 __all__ = ["check_storage_contract", "check_roundtrip", "sample_state", "ThreadComm", "run_ranks"]
 
@@ -35,56 +45,114 @@ def _eq(got, want, what: str) -> None:
     assert got == want, f"{what}: got {got!r}, want {want!r}"
 
 
-def check_storage_contract(url: str, storage_options: dict | None = None) -> Storage:
-    """Check the primitives on an empty directory ``url``; return the storage."""
+def _raises(exc: type[BaseException] | tuple[type[BaseException], ...], fn: Callable[[], Any], what: str) -> BaseException:
+    try:
+        fn()
+    except exc as e:  # noqa: B030 - exc is a class or a tuple of classes
+        return e
+    raise AssertionError(f"{what}: expected {exc}, nothing was raised")
+
+
+class _Boom(Exception):
+    pass
+
+
+def _fail_inside(cm: Any, body: Callable[[Any], None]) -> None:
+    """Run ``body`` inside ``cm`` and fail half-way; the failure must come back out unchanged."""
+    try:
+        with cm as x:
+            body(x)
+            raise _Boom("simulated failure")
+    except _Boom:
+        return
+    raise AssertionError("the simulated failure was swallowed")
+
+
+def _no_temp_names(st: Store, what: str) -> None:
+    left = [n for n in st.listdir() if ".tmp" in n or MARKER_NAME in n or ".old-" in n]
+    _eq(left, [], f"temporary names left by {what}")
+
+
+def check_storage_contract(url: str, storage_options: dict | None = None) -> Store:
+    """Check the primitives, the derived methods and Staging on an empty directory ``url``; return the store."""
     st = open_storage(url, storage_options)
+    assert isinstance(st.caps, Capabilities), "a store declares its Capabilities"
+    if st.caps.local:
+        _eq(st.path("x"), st.root.rstrip("/") + "/x", "path() of a local store")
+    else:
+        _raises(StorageError, lambda: st.path("x"), "path() of a store that is not local")
     _eq(st.listdir(), [], "listdir of a missing directory")
     _eq(st.exists("nope"), False, "exists of a missing name")
-    try:
-        st.size("nope")
-    except FileNotFoundError:
-        pass
-    else:
-        raise AssertionError("size of a missing name must raise FileNotFoundError")
+    _eq(st.stat("nope"), None, "stat of a missing name")
+    _raises(FileNotFoundError, lambda: st.size("nope"), "size of a missing name")
+    _raises(FileNotFoundError, lambda: st.read_bytes("nope"), "read_bytes of a missing name")
 
     payload = bytes(range(256)) * 41  # 10496 bytes, not a multiple of anything round
     st.makedirs()
     st.put("a.bin", payload)
     _eq(st.exists("a.bin"), True, "exists after put")
-    _eq(st.size("a.bin"), len(payload), "size after put")
+    _eq((st.stat("a.bin").kind, st.size("a.bin")), ("file", len(payload)), "stat/size after put")  # type: ignore[union-attr]
+    before = st.bytes_read
     _eq(st.read_bytes("a.bin"), payload, "read_bytes after put")
+    _eq(st.bytes_read - before, len(payload), "bytes_read counts what read_bytes returned")
     _eq(bytes(st.read_range("a.bin", 1000, 333)), payload[1000:1333], "read_range")
-    try:
-        st.read_bytes("a.bin", limit=100)
-    except StorageError:
-        pass
-    else:
-        raise AssertionError("read_bytes must refuse an object above its limit")
-    try:
-        st.read_range("a.bin", len(payload) - 10, 20)
-    except (StorageError, OSError):
-        pass
-    else:
-        raise AssertionError("read_range past the end must raise")
+    out = bytearray(17)
+    st.read_into("a.bin", 5, memoryview(out))
+    _eq(bytes(out), payload[5:22], "read_into a caller buffer")
+    _raises(StorageError, lambda: st.read_bytes("a.bin", limit=100), "read_bytes above its limit")
+    _raises((StorageError, OSError), lambda: st.read_range("a.bin", len(payload) - 10, 20), "read_range past the end")
+    with st.open_read("a.bin") as rf:
+        rf.seek(300)
+        _eq(rf.read(50), payload[300:350], "open_read + seek + read")
+    _eq(read_small(st.child_url("a.bin"), storage_options=storage_options), payload, "read_small of a URL")
 
-    # a sequential writer, published by close_durable
+    # streams (downloads): from an offset; an offset past the end starts again at 0
+    s = st.open_stream("a.bin", 10000, block=100)
+    _eq((s.start, s.total, b"".join(s.chunks)), (10000, len(payload), payload[10000:]), "open_stream from an offset")
+    s.close()
+    s = st.open_stream("a.bin", len(payload) + 5)
+    _eq((s.start, b"".join(s.chunks)), (0, payload), "open_stream past the end restarts")
+    _raises(FileNotFoundError, lambda: st.open_stream("nope"), "open_stream of a missing name")
+
+    # a sequential writer: every write counted, published by commit only
     f = st.open_write("sub/b.bin")
     for i in range(0, len(payload), 1000):
-        f.write(payload[i : i + 1000])
+        _eq(f.write(payload[i : i + 1000]), len(payload[i : i + 1000]), "write() returns the bytes taken")
     _eq(f.tell(), len(payload), "writer tell()")
-    st.close_durable(f)
-    _eq(st.read_bytes("sub/b.bin"), payload, "open_write + close_durable")
+    st.close_durable(f)  # the compat name of f.commit()
+    f.commit()  # a second commit does nothing
+    _raises(StorageError, lambda: f.write(b"x"), "write after commit")
+    _eq(st.read_bytes("sub/b.bin"), payload, "open_write + commit")
     _eq(st.listdir(), ["a.bin", "sub"], "listdir with a file and a subdirectory")
     _eq(st.listdir("sub"), ["b.bin"], "listdir of a subdirectory")
     _eq(st.walk_files(), ["a.bin", "sub/b.bin"], "walk_files")
-    _eq(st.isdir("sub"), True, "isdir of a subdirectory")
+    _eq((st.isdir("sub"), st.isdir("a.bin"), st.stat("sub").kind), (True, False, "dir"), "isdir/stat of a subdirectory")  # type: ignore[union-attr]
+    _raises(IsADirectoryError, lambda: st.size("sub"), "size of a directory")
 
-    # put_atomic replaces whole
+    # writers that are not committed publish nothing: abort, close, an exception in a with block
+    f = st.open_write("partial.bin")
+    f.write(b"x" * 100)
+    f.abort()
+    f.abort()
+    _eq(st.exists("partial.bin"), False, "an aborted writer")
+    f = st.open_write("partial.bin")
+    f.write(b"x" * 100)
+    try:
+        raise RuntimeError("simulated failure mid-write")
+    except RuntimeError:
+        f.close()
+    _eq(st.exists("partial.bin"), False, "a writer closed by an exception")
+    _fail_inside(st.open_write("partial.bin"), lambda w: w.write(b"y" * 10))
+    _eq(st.exists("partial.bin"), False, "a writer left by an exception in a with block")
+    with st.open_write("whole.bin") as w:
+        w.write(b"whole")
+    _eq(st.read_bytes("whole.bin"), b"whole", "a writer committed by its with block")
+
+    # put_atomic replaces whole and leaves no temporary file
     st.put_atomic("idx.json", b"old")
     st.put_atomic("idx.json", b"new-and-longer")
     _eq(st.read_bytes("idx.json"), b"new-and-longer", "put_atomic over an existing object")
-    leftovers = [n for n in st.listdir() if n.endswith(".tmp")]
-    _eq(leftovers, [], "temp files left by put_atomic")
+    _no_temp_names(st, "put_atomic")
 
     # many concurrent ranged reads into caller buffers; a large one is cut into pieces
     st.read_piece = 1 << 20
@@ -93,21 +161,10 @@ def check_storage_contract(url: str, storage_options: dict | None = None) -> Sto
     bufs = [bytearray(n) for n in (7, 1 << 16, len(big) - 100, 1)]
     starts = [0, 5000, 50, len(big) - 1]
     st.read_many([("big.bin", s, memoryview(b)) for s, b in zip(starts, bufs)])
-    for s, b in zip(starts, bufs):
-        _eq(bytes(b) == big[s : s + len(b)], True, f"read_many range [{s}, {s + len(b)})")
+    for s0, b in zip(starts, bufs):
+        _eq(bytes(b) == big[s0 : s0 + len(b)], True, f"read_many range [{s0}, {s0 + len(b)})")
 
-    # a writer abandoned by an exception publishes nothing
-    f = st.open_write("partial.bin")
-    f.write(b"x" * 100)
-    try:
-        raise RuntimeError("simulated failure mid-write")
-    except RuntimeError:
-        f.close()
-    if not st.is_local:
-        _eq(st.exists("partial.bin"), False, "an object whose writer failed")
-    st.remove(["partial.bin"])
-
-    # replace: a file, then a directory with its commit object copied last
+    # replace: a file, then a directory with its commit object copied last, then over a directory
     st.put("new.bin", b"N")
     st.replace("new.bin", "a.bin")
     _eq(st.read_bytes("a.bin"), b"N", "replace of a file")
@@ -117,13 +174,80 @@ def check_storage_contract(url: str, storage_options: dict | None = None) -> Sto
     st.put("d/old-only", b"o")
     st.replace("d_new", "d", commit_last="commit")
     _eq(st.walk_files("d"), ["d/commit", "d/x"], "replace of a directory (stale objects removed)")
+    _eq(st.exists("d_new"), False, "replace of a directory leaves no source")
+    _no_temp_names(st, "replace")
 
     sub = st.sub("sub")
-    _eq(sub.read_bytes("b.bin"), payload, "sub() storage")
+    _eq(sub.read_bytes("b.bin"), payload, "sub() store")
+    _eq(sub.bytes_read, len(payload), "sub() counts its own bytes")
 
-    st.remove(["a.bin", "sub", "nope"])
-    _eq("a.bin" in st.listdir() or "sub" in st.listdir(), False, "remove of a file and a directory")
+    st.remove(["a.bin", "sub", "nope", "big.bin", "whole.bin", "idx.json", "d"])
+    _eq(st.listdir(), [], "remove of files, a directory and a missing name")
+
+    _check_staging(st, storage_options)
     return st
+
+
+def _check_staging(st: Store, storage_options: dict | None) -> None:
+    """Staging on this backend: outputs appear whole at DST or not at all, with nothing left beside them."""
+    url = st.child_url("out")
+    # kind="dir": success
+    with Staging(url, kind="dir", storage_options=storage_options, marker={"verb": "contract"}) as stg:
+        _eq(stg.store.listdir(), [MARKER_NAME], "a staging directory holds its marker first")
+        stg.store.put("index.json", b"I")
+        stg.store.put("data/0.bin", b"0")
+    out = st.sub("out")
+    _eq(out.walk_files(), ["data/0.bin", "index.json"], "a committed staging directory (no marker inside)")
+    _no_temp_names(st, "a committed Staging")
+    _raises(DestinationExistsError, lambda: Staging(url, storage_options=storage_options), "Staging over an existing DST")
+    # kind="dir": failure leaves the old DST and nothing else; overwrite replaces the contents entirely
+    _fail_inside(Staging(url, overwrite=True, storage_options=storage_options), lambda s: s.store.put("index.json", b"X"))
+    _eq(out.read_bytes("index.json"), b"I", "a failed Staging leaves the old DST")
+    _no_temp_names(st, "a failed Staging")
+    with Staging(url, overwrite=True, storage_options=storage_options, commit_last="index.json") as stg:
+        stg.store.put("index.json", b"J")
+        stg.store.put("data/1.bin", b"1")
+    _eq(out.walk_files(), ["data/1.bin", "index.json"], "Staging(overwrite=True) of a directory")
+    _eq(out.read_bytes("index.json"), b"J", "the new commit object")
+    _no_temp_names(st, "Staging(overwrite=True)")
+
+    # kind="file": success, failure, overwrite
+    furl = st.child_url("m.bin")
+    with Staging(furl, kind="file", storage_options=storage_options) as stg:
+        w = stg.open_write()
+        w.write(b"file-1")
+        w.commit()
+    _eq(st.read_bytes("m.bin"), b"file-1", "a committed staging file")
+    _fail_inside(Staging(furl, kind="file", overwrite=True, storage_options=storage_options), lambda s: s.store.put(s.name, b"bad"))
+    _eq(st.read_bytes("m.bin"), b"file-1", "a failed file Staging leaves the old DST")
+    with Staging(furl, kind="file", overwrite=True, storage_options=storage_options) as stg:
+        stg.store.put(stg.name, b"file-2")
+    _eq(st.read_bytes("m.bin"), b"file-2", "Staging(kind='file', overwrite=True)")
+    _no_temp_names(st, "file Staging")
+
+    # debris: only leftovers proven by a marker whose owner is gone (or stale) count
+    live = Staging(st.child_url("live"), storage_options=storage_options)
+    live.__enter__()
+    dead = Staging(st.child_url("dead"), storage_options=storage_options)
+    dead.__enter__()
+    body = json.loads(st.read_bytes(dead.marker_name))
+    body["time"] = time.time() - 3 * 24 * 3600
+    st.put(dead.marker_name, json.dumps(body).encode())
+    dead_file = Staging(st.child_url("dead.bin"), kind="file", storage_options=storage_options)
+    dead_file.__enter__()
+    body = json.loads(st.read_bytes(dead_file.marker_name))
+    body["time"] = 0
+    st.put(dead_file.marker_name, json.dumps(body).encode())
+    st.put(dead_file.name, b"partial")
+    st.put(".foreign.tmp-0123456789ab/x", b"not ours: no marker")
+    st.put(".other.tmp-abcdef012345", b"not ours either")
+    found = find_staging_debris(st)
+    _eq(found, sorted([dead.tmp_name, dead_file.tmp_name, dead_file.marker_name]), "find_staging_debris")
+    st.remove(found)
+    live.__exit__(_Boom, _Boom("x"), None)
+    _eq(find_staging_debris(st), [], "find_staging_debris after cleaning")
+    st.remove([".foreign.tmp-0123456789ab", ".other.tmp-abcdef012345", "out", "m.bin"])
+    _eq(st.listdir(), [], "every staging name removed")
 
 
 def sample_state(seed: int = 0) -> dict:

@@ -8,6 +8,8 @@ Features the hub tests need and nothing from the outside network:
 * ``range_supported = False`` → ranges ignored, always 200 with the whole body,
 * ``cut_once(path, nbytes)`` → the next GET of ``path`` sends its headers (with the
   full ``Content-Length``) but only ``nbytes`` of body, then closes the connection,
+* ``fail_next(path, status, times)`` → the next ``times`` requests of ``path`` get ``status``
+  (e.g. 503) with an empty body,
 * ``throttle`` → seconds to sleep after every 64 KiB block (widens race windows),
 * ``requests`` → a thread-safe log of ``(method, path, range header or None)``.
 
@@ -58,6 +60,10 @@ class _Handler(BaseHTTPRequestHandler):
         path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
         range_header = self.headers.get("Range")
         owner._log(self.command, path, range_header)
+        status_override = owner._take_failure(path)
+        if status_override is not None:
+            self._send_empty(HTTPStatus(status_override))
+            return
         file = owner._local_path(path)
         if file is None:
             self._send_empty(HTTPStatus.NOT_FOUND)
@@ -154,6 +160,7 @@ class FileServer:
         self._log_lock = threading.Lock()
         self._requests: list[tuple[str, str, Optional[str]]] = []
         self._cuts: dict[str, int] = {}
+        self._failures: dict[str, list[int]] = {}  # path -> [status, remaining]
         self._httpd: Optional[_Server] = None
         self._thread: Optional[threading.Thread] = None
 
@@ -204,6 +211,11 @@ class FileServer:
         with self._log_lock:
             self._cuts["/" + path.lstrip("/")] = int(nbytes)
 
+    def fail_next(self, path: str, status: int, times: int = 1) -> None:
+        """The next ``times`` requests of ``path`` are answered with ``status`` and no body."""
+        with self._log_lock:
+            self._failures["/" + path.lstrip("/")] = [int(status), int(times)]
+
     @property
     def requests(self) -> list[tuple[str, str, Optional[str]]]:
         with self._log_lock:
@@ -221,6 +233,14 @@ class FileServer:
     def _log(self, method: str, path: str, range_header: Optional[str]) -> None:
         with self._log_lock:
             self._requests.append((method, path, range_header))
+
+    def _take_failure(self, path: str) -> Optional[int]:
+        with self._log_lock:
+            rule = self._failures.get(path)
+            if not rule or rule[1] <= 0:
+                return None
+            rule[1] -= 1
+            return rule[0]
 
     def _take_cut(self, path: str) -> Optional[int]:
         with self._log_lock:

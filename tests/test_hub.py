@@ -437,3 +437,50 @@ def test_http_server_ranges(hub_dir: Path) -> None:
         assert r.status_code == 200 and r.content == data
         assert ("HEAD", f"/llama_tiny/{CKPT}", None) in server.requests
     assert not server.running
+
+
+# ---------------------------------------------------------------------------------------------
+# the hub reads, retries and writes through distckpt.storage
+def test_server_errors_are_retried_by_the_storage_policy(srv: FileServer, hub_dir: Path, cache: Path, monkeypatch) -> None:
+    monkeypatch.setattr(hub, "FIRST_RETRY_DELAY", 0.0)
+    srv.fail_next("/llama_tiny/config.json", 503, 2)
+    srv.fail_next(f"/llama_tiny/{CKPT}", 429, 1)
+    path = hub.resolve("llama_tiny", hub_url=srv.url, cache_dir=cache)
+    assert len(srv.gets("/llama_tiny/config.json")) == 3 and len(srv.gets(f"/llama_tiny/{CKPT}")) == 2
+    _same_tree(path, hub_dir / "llama_tiny", ["config.json", CKPT])
+    # MAX_ATTEMPTS transient failures in a row: one error naming the URL and the last failure
+    srv.fail_next("/org/sharded/config.json", 503, 10)
+    with pytest.raises(DownloadError, match=r"config.json failed after 4 attempts \(HTTP 503 from "):
+        hub.resolve("org/sharded", hub_url=srv.url, cache_dir=cache)
+    assert len(srv.gets("/org/sharded/config.json")) == 4
+
+
+def test_forbidden_is_not_retried(srv: FileServer, cache: Path, monkeypatch) -> None:
+    monkeypatch.setattr(hub, "FIRST_RETRY_DELAY", 0.0)
+    srv.fail_next(f"/llama_tiny/{CKPT}", 403, 5)
+    with pytest.raises(DownloadError, match=r"HTTP 403 .*check access rights.*files\.json"):
+        hub.resolve("llama_tiny", hub_url=srv.url, cache_dir=cache)
+    assert len(srv.gets(f"/llama_tiny/{CKPT}")) == 1
+    assert not list(cache.rglob(CKPT))
+
+
+def test_fifo_in_the_cache_is_refused_not_waited_on(srv: FileServer, cache: Path) -> None:
+    """A FIFO planted as the cache manifest or a cached file: the cache is incomplete, nothing blocks."""
+    import threading
+
+    path = Path(hub.resolve("llama_tiny", hub_url=srv.url, cache_dir=cache))
+    (path / hub.MANIFEST_NAME).unlink()
+    os.mkfifo(path / hub.MANIFEST_NAME)
+    box: dict = {}
+
+    def probe() -> None:
+        try:
+            hub.resolve("llama_tiny", hub_url=srv.url, cache_dir=cache, local_files_only=True)
+        except DownloadError as exc:
+            box["error"] = str(exc)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(20)
+    assert not t.is_alive(), "resolve blocked on a FIFO in the cache"
+    assert "not fully cached" in box["error"]

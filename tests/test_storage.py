@@ -1,11 +1,20 @@
-"""Storage on any fsspec URL: the contract suite (local, memory, s3), the commit protocol,
-inline checksums, retries and injected faults (``tests/faulty.py``)."""
+"""distckpt.storage: the contract suite on every backend (local, file://, memory, s3, faulty, http),
+the commit protocol, inline checksums, the retry policy and injected faults (``tests/faulty.py``),
+and the safety rules: every byte checked and a full disk (a real tmpfs) reported by name with
+nothing left behind; only regular files read (FIFOs); symlinked destinations replaced, never
+followed; Staging that leaves nothing on failure or SIGTERM and proves its debris."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import signal
+import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +30,23 @@ from distckpt.execute import ReadStats  # noqa: E402
 from distckpt.index import INDEX_NAME, Index  # noqa: E402
 from distckpt.layout import ParamSpec, Strategy, TensorLayout  # noqa: E402
 from distckpt.saving import SaveJob  # noqa: E402
-from distckpt.storage import Storage, env_storage_options, merge_options, open_storage  # noqa: E402
+from distckpt.storage import (  # noqa: E402
+    MARKER_NAME,
+    RetryExhausted,
+    RetryPolicy,
+    Staging,
+    Storage,
+    Store,
+    TransientError,
+    env_storage_options,
+    find_staging_debris,
+    handle_termination,
+    is_transient,
+    merge_options,
+    open_storage,
+    read_small,
+)
+from distckpt.storage import local as local_backend  # noqa: E402
 from distckpt.strategy import dump_strategy_proto  # noqa: E402
 from distckpt.testing import check_roundtrip, check_storage_contract, sample_state  # noqa: E402
 
@@ -381,3 +406,490 @@ def test_merge_to_faulty_output_is_all_or_nothing(plan, fast_retries):
     st = open_storage("faulty://m")
     assert st.read_bytes("out.ckpt") == before
     assert [n for n in st.listdir() if ".tmp" in n] == []
+
+
+# ================================================================== the safety rules
+MiB = 1 << 20
+
+
+def _within(seconds: float, fn):
+    """Run ``fn`` in a thread; fail (instead of hanging the suite) if it blocks."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"blocked for more than {seconds}s (waiting on a FIFO?)"
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def _leftovers(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir())
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A real 20 MiB tmpfs (we are root): writes past it fail with ENOSPC."""
+    d = tmp_path / "small"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(d)], check=True)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", str(d)], check=True)
+
+
+@pytest.fixture(scope="module")
+def ckpt32(tmp_path_factory):
+    """A 32 MiB single-rank distckpt checkpoint (does not fit the 20 MiB tmpfs)."""
+    src = tmp_path_factory.mktemp("big") / "src"
+    api.save({"w": np.arange(8 * MiB, dtype=np.float32).reshape(2048, 4096), "step": 3}, src)
+    return src
+
+
+# ------------------------------------------------------------------ 1. every byte checked; a full disk
+def test_full_disk_writer_names_the_file_and_leaves_nothing(tmpfs):
+    st = open_storage(tmpfs)
+    blob = np.zeros(32 * MiB, np.uint8)
+    w = st.open_write("big.bin")
+    with pytest.raises(StorageError, match="not enough space") as err:
+        w.write(memoryview(blob))  # one write larger than the disk: a short write, then ENOSPC
+    assert str(tmpfs / "big.bin") in str(err.value) and err.value.errno == errno.ENOSPC
+    w.abort()
+    assert _leftovers(tmpfs) == []
+    for write in (lambda: st.put("p.bin", blob), lambda: st.put_atomic("i.json", blob)):
+        with pytest.raises(StorageError, match="not enough space"):
+            write()
+        assert _leftovers(tmpfs) == []
+    # many small writes gathered in the writer's buffer hit the same check
+    w = st.open_write("small.bin")
+    with pytest.raises(StorageError, match="not enough space"):
+        for _ in range(32 * 16):
+            w.write(b"x" * (MiB // 16))
+        w.commit()
+    w.close()
+    assert _leftovers(tmpfs) == []
+
+
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_full_disk_in_staging_names_dst(tmpfs, kind):
+    dst = tmpfs / "deep" / ("m.ckpt" if kind == "file" else "mdir")
+    with pytest.raises(StorageError, match="not enough space") as err:
+        with Staging(dst, kind=kind) as stg:
+            if kind == "file":
+                stg.store.put(stg.name, np.zeros(32 * MiB, np.uint8))
+            else:
+                stg.store.put("mindspore_model.ckpt", np.zeros(32 * MiB, np.uint8))
+    assert f"not enough space to write {dst} " in str(err.value)
+    assert _leftovers(tmpfs) == []  # no DST, no temp place, not even the parent it created
+
+
+@pytest.mark.parametrize("dst_name", ["m.ckpt", "mdir"])
+def test_cli_merge_onto_full_disk_exits_1_and_leaves_nothing(tmpfs, ckpt32, capsys, dst_name):
+    dst = tmpfs / dst_name
+    assert cli_main(["merge", str(ckpt32), str(dst), "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert f"not enough space to write {dst} " in err[0], err
+    assert _leftovers(tmpfs) == []
+
+
+def test_space_errors_name_the_destination_not_its_temporary_name():
+    from distckpt.storage.base import staged_destination
+
+    assert staged_destination("/o/.m.ckpt.tmp-0123abcd") == "/o/m.ckpt"
+    assert staged_destination("/o/.mdir.tmp-0123abcd/.x.ckpt.tmp-89abcdef") == "/o/mdir"  # outermost wins
+    assert staged_destination("/o/..m.ckpt.tmp-0123abcd.tmp-89abcdef") == "/o/m.ckpt"  # nested names unwrap
+    assert staged_destination("s3://b/.o.tmp-0123abcd/i.json") == "s3://b/o"
+    assert staged_destination("/o/m.ckpt") is None and staged_destination("/o/.m.tmp-xyz") is None
+
+
+def test_short_writes_are_completed_or_reported(tmp_path, monkeypatch):
+    """The kernel may take part of a write: the rest is written; taking nothing is a full disk."""
+    st = open_storage(tmp_path)
+    real = os.write
+    monkeypatch.setattr(local_backend.os, "write", lambda fd, b: real(fd, bytes(b)[: max(1, len(b) // 3)]))
+    data = np.random.default_rng(1).integers(0, 256, 3 * MiB, dtype=np.uint8).tobytes()
+    st.put("a.bin", data)
+    assert (tmp_path / "a.bin").read_bytes() == data
+    monkeypatch.setattr(local_backend.os, "write", lambda fd, b: 0)
+    with pytest.raises(StorageError, match="not enough space"):
+        st.put("b.bin", data)
+    assert not (tmp_path / "b.bin").exists()
+
+    def over_quota(fd, b):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    monkeypatch.setattr(local_backend.os, "write", over_quota)
+    with pytest.raises(StorageError, match=r"not enough space to write .*c\.bin: Disk quota exceeded") as err:
+        st.put("c.bin", data)
+    assert err.value.errno == errno.EDQUOT and not (tmp_path / "c.bin").exists()
+
+
+def test_commit_checks_the_size_and_random_writes(tmp_path):
+    st = open_storage(tmp_path)
+    assert st.caps.random_write
+    w = st.open_write("r.bin")
+    w.write_at(6, b"world")
+    w.write_at(0, b"hello ")
+    w.commit()
+    assert (tmp_path / "r.bin").read_bytes() == b"hello world"
+    w = st.open_write("t.bin")
+    w.write(b"abc")
+    os.truncate(tmp_path / "t.bin", 0)
+    w._buf.clear()  # the bytes "were written" but the file lost them
+    w._pos = 3
+    with pytest.raises(StorageError, match="0 bytes after 3"):
+        w.commit()
+    assert not (tmp_path / "t.bin").exists()
+    with pytest.raises(StorageError, match="sequentially"):
+        open_storage("memory://seq/x").open_write("a").write_at(0, b"x")
+
+
+def test_resumable_writer_keeps_its_bytes(tmp_path):
+    st = open_storage(tmp_path)
+    w = st.open_write("d.part", resume_at=0)
+    w.write(b"0123456789")
+    w.abort()  # a download that failed: the bytes stay for the next attempt
+    assert (tmp_path / "d.part").read_bytes() == b"0123456789"
+    w = st.open_write("d.part", resume_at=4)
+    w.write(b"ABCD")
+    w.commit()
+    assert (tmp_path / "d.part").read_bytes() == b"0123ABCD"
+    with pytest.raises(StorageError, match="cannot resume at byte 99"):
+        st.open_write("d.part", resume_at=99)
+    with pytest.raises(StorageError, match="cannot resume"):
+        open_storage("memory://resume/x").open_write("a", resume_at=0)
+
+
+# ------------------------------------------------------------------ 2. only regular files are read
+def test_fifo_is_refused_not_waited_on(tmp_path):
+    st = open_storage(tmp_path)
+    os.mkfifo(tmp_path / "pipe")
+    for fn in (
+        lambda: st.read_bytes("pipe"),
+        lambda: st.read_range("pipe", 0, 4),
+        lambda: st.size("pipe"),
+        lambda: st.open_read("pipe"),
+        lambda: st.read_many([("pipe", 0, memoryview(bytearray(4)))]),
+        lambda: read_small(tmp_path / "pipe"),
+        lambda: st.put("pipe", b"data"),
+    ):
+        with pytest.raises(StorageError, match=r"pipe: is a FIFO \(named pipe\), not a regular file"):
+            _within(20, fn)
+    with pytest.raises(IsADirectoryError):
+        read_small(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        read_small(tmp_path / "missing.yaml")
+    (tmp_path / "big.yaml").write_bytes(b"x" * 1000)
+    with pytest.raises(StorageError, match="larger than the 100-byte limit"):
+        read_small(tmp_path / "big.yaml", limit=100)
+    assert read_small(f"file://{tmp_path}/big.yaml") == b"x" * 1000
+
+
+def _run_cli(*args, timeout=120):
+    return subprocess.run(
+        [sys.executable, "-m", "distckpt", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_cli_fifo_index_data_file_or_source_is_refused(tmp_path):
+    ck = tmp_path / "ck"
+    api.save({"w": np.arange(64, dtype=np.float32)}, ck)
+    data = next(p for p in ck.iterdir() if p.name.startswith("data-"))
+    data.unlink()
+    os.mkfifo(data)
+    res = _run_cli("merge", ck, tmp_path / "m.ckpt")
+    assert res.returncode == 1 and f"{data}: " in res.stderr and "not a regular file" in res.stderr, res
+    (ck / INDEX_NAME).unlink()
+    os.mkfifo(ck / INDEX_NAME)
+    res = _run_cli("inspect", ck)
+    assert res.returncode == 1 and f"{ck / INDEX_NAME}: is a FIFO (named pipe), not a regular file" in res.stderr, res
+    os.mkfifo(tmp_path / "x.ckpt")
+    res = _run_cli("merge", tmp_path / "x.ckpt", tmp_path / "y.safetensors")
+    assert res.returncode == 1 and "x.ckpt: is a FIFO (named pipe), not a regular file" in res.stderr, res
+    assert not (tmp_path / "m.ckpt").exists() and not (tmp_path / "y.safetensors").exists()
+
+
+# ------------------------------------------------------------------ 3. symlinks: confined reads, links replaced
+def test_writers_never_follow_a_symlink(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"precious")
+    d = tmp_path / "d"
+    d.mkdir()
+    os.symlink(outside, d / "link")
+    st = open_storage(d)
+    with pytest.raises(StorageError, match="symlink"):
+        st.put("link", b"overwritten?")
+    assert outside.read_bytes() == b"precious"
+    st.put_atomic("link", b"new")  # a rename replaces the link itself
+    assert outside.read_bytes() == b"precious" and (d / "link").read_bytes() == b"new"
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "keep").write_bytes(b"k")
+    os.symlink(tmp_path / "target", d / "dirlink")
+    st.remove(["dirlink"])  # the link goes, never what it points to
+    assert not os.path.lexists(d / "dirlink") and (tmp_path / "target" / "keep").read_bytes() == b"k"
+
+
+def test_cli_overwrite_of_a_symlinked_dst_replaces_the_link(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    api.save({"w": np.arange(12, dtype=np.float32), "step": 1}, ck)
+    real = tmp_path / "real_out"
+    api.merge(ck, real)
+    before = {p.name: p.read_bytes() for p in real.iterdir()}
+    out = tmp_path / "out"
+    os.symlink(real, out)
+    assert cli_main(["merge", str(ck), str(out), "--overwrite", "-q"]) == 0, capsys.readouterr().err
+    assert out.is_dir() and not out.is_symlink()
+    assert {p.name: p.read_bytes() for p in real.iterdir()} == before  # the link's target is untouched
+    assert api.load(out)["step"] == 1
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []  # no .out.old-* / .out.tmp-*
+
+
+@pytest.mark.parametrize("kind", ["dir", "file"])
+@pytest.mark.parametrize("exchange", [True, False])
+def test_staging_replaces_a_symlinked_dst_itself(tmp_path, monkeypatch, kind, exchange):
+    if not exchange:  # a kernel or file system without renameat2(RENAME_EXCHANGE)
+        monkeypatch.setattr(local_backend, "_exchange", lambda a, b: False)
+    target = tmp_path / "target"
+    if kind == "dir":
+        target.mkdir()
+        (target / "old").write_bytes(b"old")
+    else:
+        target.write_bytes(b"old")
+    dst = tmp_path / "dst"
+    os.symlink(target, dst)
+    with Staging(dst, kind=kind, overwrite=True) as stg:
+        if kind == "dir":
+            stg.store.put("new", b"new")
+        else:
+            stg.store.put(stg.name, b"new")
+    assert not dst.is_symlink()
+    assert (dst / "new" if kind == "dir" else dst).read_bytes() == b"new"
+    assert (target / "old" if kind == "dir" else target).read_bytes() == b"old"
+    assert _leftovers(tmp_path) == ["dst", "target"]
+
+
+def test_failed_swap_restores_dst_and_leaves_no_old(tmp_path, monkeypatch):
+    """Without renameat2 the swap is two renames; when the second fails the first is undone."""
+    monkeypatch.setattr(local_backend, "_exchange", lambda a, b: False)
+    target = tmp_path / "target"
+    target.mkdir()
+    dst = tmp_path / "dst"
+    os.symlink(target, dst)
+    real_rename = os.rename
+
+    def rename(a, b):
+        if ".tmp-" in str(a):
+            raise OSError(errno.EIO, "injected rename failure")
+        return real_rename(a, b)
+
+    monkeypatch.setattr(local_backend.os, "rename", rename)
+    with pytest.raises(OSError, match="injected"):
+        with Staging(dst, overwrite=True) as stg:
+            stg.store.put("x", b"1")
+    assert dst.is_symlink() and os.readlink(dst) == str(target)
+    assert _leftovers(tmp_path) == ["dst", "target"]
+
+
+# ------------------------------------------------------------------ staging: parents, SIGTERM, debris
+def test_failed_staging_removes_the_parents_it_created(tmp_path):
+    (tmp_path / "a").mkdir()
+    for kind in ("file", "dir"):
+        with pytest.raises(RuntimeError):
+            with Staging(tmp_path / "a" / "b" / "c" / "m.ckpt", kind=kind):
+                raise RuntimeError("failed merge")
+        assert _leftovers(tmp_path) == ["a"] and _leftovers(tmp_path / "a") == []
+    with Staging(tmp_path / "x" / "y" / "m.ckpt", kind="file") as stg:
+        stg.store.put(stg.name, b"ok")
+    assert (tmp_path / "x" / "y" / "m.ckpt").read_bytes() == b"ok"
+    assert _leftovers(tmp_path / "x" / "y") == ["m.ckpt"]
+
+
+def test_staging_marker_proves_ownership(tmp_path):
+    with Staging(tmp_path / "out", marker={"verb": "merge", "save_id": "abc"}) as stg:
+        marker = json.loads((tmp_path / stg.tmp_name / MARKER_NAME).read_bytes())
+        assert marker["marker"] == {"verb": "merge", "save_id": "abc"}
+        assert marker["pid"] == os.getpid() and marker["tmp"] == stg.tmp_name and marker["kind"] == "dir"
+        assert find_staging_debris(open_storage(tmp_path)) == []  # alive: not debris
+    assert not (tmp_path / "out" / MARKER_NAME).exists()
+    with pytest.raises(TypeError):
+        Staging(tmp_path / "o2", marker={"x": object()})
+    with pytest.raises(ValueError, match="kind"):
+        Staging(tmp_path / "o3", kind="tree")
+
+
+_SLOW_STAGING = """
+import sys, time
+from distckpt.storage import Staging, handle_termination, Terminated
+dst, mode = sys.argv[1], sys.argv[2]
+def work():
+    with Staging(dst, kind="dir", marker={"verb": "test"}) as stg:
+        stg.store.put("part.bin", b"x" * 100000)
+        print("ready", flush=True)
+        time.sleep(120)
+if mode == "handled":
+    try:
+        with handle_termination():
+            work()
+    except Terminated:
+        sys.exit(143)
+else:
+    work()
+"""
+
+
+def _start_and_signal(tmp_path, dst, mode, sig):
+    script = tmp_path / "slow.py"
+    script.write_text(_SLOW_STAGING)
+    p = subprocess.Popen([sys.executable, str(script), str(dst), mode], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    p.send_signal(sig)
+    return p.wait(timeout=60)
+
+
+def test_sigterm_cleans_up_under_handle_termination(tmp_path):
+    dst = tmp_path / "a" / "b" / "out"
+    assert _start_and_signal(tmp_path, dst, "handled", signal.SIGTERM) == 143
+    assert _leftovers(tmp_path) == ["slow.py"]  # no .out.tmp-*, and a/b/ removed too
+
+
+def test_killed_staging_is_debris_that_gc_can_prove(tmp_path):
+    dst = tmp_path / "out"
+    assert _start_and_signal(tmp_path, dst, "plain", signal.SIGKILL) == -signal.SIGKILL
+    st = open_storage(tmp_path)
+    (leftover,) = [n for n in st.listdir() if n.startswith(".out.tmp-")]
+    st.put(".editor.tmp-0123abcd", b"not ours")  # no marker: never returned
+    os.makedirs(tmp_path / ".x.tmp-0123abcd0123")
+    assert find_staging_debris(st) == [leftover]
+    st.remove(find_staging_debris(st))
+    assert _leftovers(tmp_path) == [".editor.tmp-0123abcd", ".x.tmp-0123abcd0123", "slow.py"]
+
+
+def test_handle_termination_restores_the_handler():
+    before = signal.getsignal(signal.SIGTERM)
+    with handle_termination():
+        assert signal.getsignal(signal.SIGTERM) is not before
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ------------------------------------------------------------------ 4. one retry policy
+def test_retry_policy_backoff_and_classification():
+    p = RetryPolicy(attempts=4, first_delay=0.1, max_delay=0.3, jitter=0.25)
+    assert [p.delay(i, rng=lambda a, b: 1.0) for i in range(4)] == [0.1, 0.2, 0.3, 0.3]
+    assert p.delay(0, rng=lambda a, b: a) == pytest.approx(0.075) and p.delay(0, rng=lambda a, b: b) == pytest.approx(0.125)
+    calls, slept, retried = [], [], []
+
+    def flaky():
+        calls.append(1)
+        raise OSError(errno.EIO, "flaky")
+
+    with pytest.raises(RetryExhausted, match=r"read x failed after 4 attempt\(s\): OSError") as err:
+        p.call("read x", flaky, on_retry=retried.append, sleep=slept.append)
+    assert len(calls) == 4 and len(retried) == 3 and len(slept) == 3 and slept == sorted(slept)
+    assert err.value.attempts == 4 and isinstance(err.value.last, OSError) and is_transient(err.value)
+    for permanent in (
+        OSError(errno.ENOSPC, "full"),
+        OSError(errno.EDQUOT, "quota"),
+        FileNotFoundError("x"),
+        PermissionError("x"),
+        ValueError("x"),
+        StorageError("truncated"),
+        KeyboardInterrupt(),
+    ):
+        assert not is_transient(permanent), permanent
+        calls.clear()
+
+        def fail(exc=permanent):
+            calls.append(1)
+            raise exc
+
+        with pytest.raises(type(permanent)):
+            p.call("x", fail, sleep=slept.append)
+        assert len(calls) == 1, permanent
+    for transient in (OSError(errno.EIO, "io"), TransientError("503"), ConnectionResetError(), TimeoutError()):
+        assert is_transient(transient), transient
+    with pytest.raises(ValueError):
+        RetryPolicy(attempts=0)
+
+
+def test_every_backend_retries_with_the_store_policy(plan, monkeypatch):
+    monkeypatch.setattr(Store, "retry_policy", RetryPolicy(attempts=3, first_delay=0.0))
+    st = open_storage("faulty://pol/x")
+    st.put("a.bin", b"abc")
+    plan.fail("read", k=1, times=2)
+    assert st.read_bytes("a.bin") == b"abc" and st.retried == 2
+    plan.fail("read", k=1, persistent=True)
+    with pytest.raises(RetryExhausted, match="after 3 attempt"):
+        st.read_bytes("a.bin")
+
+
+# ------------------------------------------------------------------ http(s): a read-only backend
+@pytest.fixture
+def http_dir(tmp_path):
+    from httpserver import FileServer
+
+    root = tmp_path / "www"
+    root.mkdir()
+    with FileServer(root) as srv:
+        yield root, srv
+
+
+def test_http_store_reads_ranges_and_refuses_writes(http_dir):
+    root, srv = http_dir
+    data = np.random.default_rng(2).integers(0, 256, (2 * MiB) + 77, dtype=np.uint8).tobytes()
+    (root / "d").mkdir()
+    (root / "d" / "a b.bin").write_bytes(data)
+    st = open_storage(srv.url + "/d")
+    assert type(st).__name__ == "HttpStore" and not st.caps.listing and not st.caps.writable
+    assert st.size("a b.bin") == len(data) and st.exists("a b.bin") and not st.exists("nope")
+    assert bytes(st.read_range("a b.bin", 1000, 5000)) == data[1000:6000]
+    st.read_piece = MiB
+    buf = bytearray(len(data) - 10)
+    st.read_many([("a b.bin", 10, memoryview(buf))])
+    assert bytes(buf) == data[10:]
+    assert st.read_bytes("a b.bin") == data
+    with pytest.raises(StorageError, match="limit"):
+        st.read_bytes("a b.bin", limit=10)
+    with pytest.raises(FileNotFoundError):
+        st.read_bytes("nope")
+    with pytest.raises(StorageError, match="past|truncated"):
+        st.read_range("a b.bin", len(data) - 1, 10)
+    with pytest.raises(StorageError, match="no directory listing"):
+        st.listdir()
+    for write in (lambda: st.put("x", b"1"), lambda: st.put_atomic("x", b"1"), lambda: st.remove(["a b.bin"])):
+        with pytest.raises(StorageError, match="read-only"):
+            write()
+    s = st.open_stream("a b.bin", 100)
+    assert (s.start, s.total, b"".join(s.chunks)) == (100, len(data), data[100:])
+    s.close()
+    # transient server errors are retried by the store's policy; a 403 is not
+    st.retry_policy = RetryPolicy(attempts=3, first_delay=0.0)
+    srv.fail_next("/d/a b.bin", 503, 2)
+    assert bytes(st.read_range("a b.bin", 0, 10)) == data[:10] and st.retried == 2
+    srv.fail_next("/d/a b.bin", 403, 1)
+    with pytest.raises(StorageError, match="HTTP 403") as err:
+        st.read_range("a b.bin", 0, 10)
+    assert err.value.status == 403
+
+
+def test_merge_reads_a_checkpoint_over_http(http_dir, tmp_path):
+    root, srv = http_dir
+    state = sample_state(3)
+    api.save(state, tmp_path / "ck")
+    api.merge(tmp_path / "ck", root / "m.ckpt")
+    rep = api.merge(f"{srv.url}/m.ckpt", tmp_path / "out.safetensors")
+    got = api.load(tmp_path / "out.safetensors")
+    assert got["b16"].tobytes() == state["b16"].tobytes() and got["step"] == state["step"]
+    assert rep["read"]["ratio"] <= 1.05

@@ -7,7 +7,11 @@ The YAML names the model class (``model.arch.type``) and the config class
 * config classes with a ``model_type`` register themselves on definition;
 * model classes register through ``Model.register_for_auto_class()``,
   ``AutoModel.register(config_class, model_class)``, or are found by class name
-  among the subclasses of :class:`PreTrainedModel` already defined.
+  among the subclasses of :class:`PreTrainedModel` already defined;
+* a HuggingFace directory (``config.json`` + safetensors, no YAML) whose class is not
+  registered: its ``model_type`` names a model family (:mod:`distckpt.models`, e.g.
+  ``qwen3``), and MindFormers' training model of that family is built from the config
+  and loaded with the HF weights, fused (:func:`distckpt.mindspore.load_pretrained`).
 """
 
 from __future__ import annotations
@@ -147,11 +151,62 @@ class AutoModel:
         else:
             archs = getattr(config, "architectures", None) or []
             arch = archs[0] if archs else None
-        model_cls = cls._pick(arch, config)
+        try:
+            model_cls = cls._pick(arch, config)
+        except ConfigError:
+            family = _hf_family(path, dl.get("storage_options")) if not model_args else None
+            if family is None:
+                raise
+            return _mindformers_from_hf(family, path, kwargs, dl.get("storage_options"))
         rest: dict[str, Any] = dict(kwargs)
         if dl.get("storage_options") is not None:
             rest["storage_options"] = dl["storage_options"]
         return model_cls.from_pretrained(path, *model_args, config=config, **rest)
+
+
+def _hf_family(path: str, storage_options: Optional[dict]) -> Optional[str]:
+    """The model family of an HF directory (``config.json``'s ``model_type``) with a MindFormers training model."""
+    from ..mfconfig import CONFIG_NAME
+    from ..models import family_for_hf_model_type, get_model_map
+    from ..storage import open_storage
+
+    store = open_storage(path, storage_options)
+    names = store.listdir()
+    if CONFIG_NAME not in names or any(n.endswith((".yaml", ".yml")) for n in names):
+        return None  # a MindFormers directory names its class in the YAML
+    from .config import read_config
+
+    family = family_for_hf_model_type(read_config(path, storage_options=storage_options).model_type)
+    if family is None or get_model_map(family).family.mf_training[0] == "":
+        return None
+    return family
+
+
+def _mindformers_from_hf(family: str, path: str, kwargs: dict, storage_options: Optional[dict]):
+    """MindFormers' training model of ``family`` built from an HF ``config.json`` and loaded with its weights.
+
+    Keywords: ``strategy``, ``rank``, ``strict``, ``output_loading_info``, ``qkv_layout``,
+    ``ffn_layout``; the others are MindFormers config fields (e.g. ``compute_dtype``,
+    ``use_flash_attention``, ``use_contiguous_weight_layout_attention``).
+    """
+    from ..models import mf_config_from_hf, mindformers_training_classes
+    from .config import read_config
+    from .pretrained import load_pretrained
+
+    model_cls, config_cls = mindformers_training_classes(family)
+    load_kw: dict[str, Any] = {k: kwargs.pop(k) for k in ("strategy", "rank", "strict", "qkv_layout", "ffn_layout") if k in kwargs}
+    info = kwargs.pop("output_loading_info", False)
+    fields = mf_config_from_hf(read_config(path, storage_options=storage_options).config, mf_type=config_cls.__name__)
+    fields.pop("type")
+    fields.update(kwargs)
+    model = model_cls(config_cls(**fields))
+    if storage_options is not None:
+        load_kw["storage_options"] = storage_options
+    missing, unexpected = load_pretrained(model, path, model_family=family, **load_kw)
+    model.set_train(False)
+    if info:
+        return model, {"missing_keys": missing, "unexpected_keys": unexpected}
+    return model
 
 
 class AutoModelForCausalLM(AutoModel):

@@ -161,6 +161,9 @@ def load_pretrained(
     strategy=None,
     rank: Optional[int] = None,
     strict: bool = False,
+    model_family: Optional[str] = None,
+    qkv_layout: Optional[str] = None,
+    ffn_layout: Optional[str] = None,
     **download_kwargs,
 ) -> tuple[list[str], list[str]]:
     """Load a checkpoint into ``model``, like ``load_param_into_net``; return ``(missing, unexpected)``.
@@ -172,6 +175,15 @@ def load_pretrained(
     ``distckpt.load`` reads.  With ``strategy`` (this job's) the model's
     Parameters hold this rank's slices and only those bytes are read; ``rank``
     defaults to the communicator's.
+
+    A HuggingFace directory (``model.safetensors[.index.json]`` + ``config.json``) is
+    read with MindFormers' names and fused weights when the checkpoint shares no name
+    with the model and the model's family is known: ``model_family`` (e.g. ``"qwen3"``),
+    else found from the model's class (:func:`distckpt.models.family_for_class`: a
+    ``model_family`` class attribute, or the MindFormers class that owns a family's
+    ``weight_mapping``, e.g. ``TrainingQwen3ForCausalLM`` -> ``"qwen3"``).  The fused
+    layouts are ``qkv_layout`` / ``ffn_layout``, else the model config's
+    ``use_contiguous_weight_layout_attention`` / ``use_interleaved_weight_layout_mlp``.
     """
     from .. import hub
     from ..api import load
@@ -184,6 +196,7 @@ def load_pretrained(
     path = hub.resolve(os.fspath(name_or_path), **download_kwargs)
     src = open_source(path, storage_options=opts)
     params = list(model.parameters_dict())
+    src = _as_mindformers(model, src, params, model_family, qkv_layout, ffn_layout)
     have = set(src.tensors) | set(src.values)
     names = [n for n in params if n in have]
     pset = set(params)
@@ -197,3 +210,26 @@ def load_pretrained(
     state = load(src, strategy=strategy, rank=rank, names=names, storage_options=opts)
     load_into_cell(model, state, strict=strict)
     return missing, unexpected
+
+
+_LAYOUT_FLAGS = ("use_contiguous_weight_layout_attention", "use_interleaved_weight_layout_mlp")
+
+
+def _as_mindformers(model: Any, src: Any, params: list[str], family: Optional[str], qkv_layout: Optional[str],
+                    ffn_layout: Optional[str]) -> Any:
+    """``src`` read through the model family's HF map when it is an HF checkpoint of a known family."""
+    from ..models import family_for_class, layouts_from_mf_config
+    from ..sources.hf import HFSource, map_source
+
+    if isinstance(src, HFSource) or not src.tensors:
+        return src
+    if family is None:
+        if set(src.tensors) & set(params):
+            return src  # MindFormers names already
+        family = family_for_class(type(model))
+        if family is None:
+            return src
+    cfg = getattr(model, "config", None)
+    flags = {k: getattr(cfg, k) for k in _LAYOUT_FLAGS if getattr(cfg, k, None) is not None}
+    qkv, ffn = layouts_from_mf_config(flags)
+    return map_source(src, model=family, qkv_layout=qkv_layout or qkv, ffn_layout=ffn_layout or ffn)

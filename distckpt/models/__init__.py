@@ -25,7 +25,10 @@ from .maps import (
     Conversion,
     ModelMap,
     convert_name,
+    family_for_class,
+    family_for_hf_model_type,
     get_model_map,
+    mindformers_training_classes,
     mindformers_weight_mapping,
 )
 from .ops import FFN_LAYOUTS, QKV_LAYOUTS, Op, Piece
@@ -43,6 +46,9 @@ __all__ = [
     "get_model_map",
     "convert_name",
     "mindformers_weight_mapping",
+    "mindformers_training_classes",
+    "family_for_class",
+    "family_for_hf_model_type",
     "model_config_dict",
     "layouts_from_mf_config",
     "hf_config_from_mf",

@@ -194,6 +194,11 @@ def hf_config_from_mf(
             if cfg.get(syn) is not None:
                 out[key] = cfg[syn]
                 break
+    pad = out.get("pad_token_id")
+    if isinstance(pad, int) and not 0 <= pad < mc.vocab_size:
+        # MindFormers' Qwen3 default (151643) on a smaller vocabulary: transformers' embedding
+        # refuses a padding index outside the table, so leave it unset
+        del out["pad_token_id"]
     out["head_dim"] = mc.head_dim
     out["num_key_value_heads"] = mc.num_kv_heads
     out["tie_word_embeddings"] = mc.tie_word_embeddings

@@ -43,6 +43,9 @@ __all__ = [
     "get_model_map",
     "mindformers_weight_mapping",
     "convert_name",
+    "family_for_class",
+    "family_for_hf_model_type",
+    "mindformers_training_classes",
 ]
 
 Mapping_ = tuple[tuple[str, str], ...]
@@ -173,6 +176,7 @@ class _Family:
     mf_only: tuple[str, ...] = ()  # regexes of MF tensors with no HF counterpart (buffers)
     hf_ignore: tuple[str, ...] = ()  # regexes of HF tensors MindFormers has no parameter for
     hf_known: tuple[str, ...] = ()  # regexes of every HF tensor name the family has (empty: not checked)
+    mf_training: tuple[str, str] = ("", "")  # "module:Class" of MindFormers' training model and its config class
 
 
 _QWEN3_HF = (
@@ -193,11 +197,15 @@ _INV_FREQ = (r".*\.rotary_emb\.inv_freq$",)
 
 _FAMILIES: dict[str, _Family] = {
     "qwen3": _Family("mindformers.models.qwen3.utils", "Qwen3PreTrainedModel", "Qwen3ForCausalLM", "qwen3",
-                     "Qwen3Config", "verified", hf_ignore=_INV_FREQ, hf_known=_QWEN3_HF + _QWEN3_DENSE_MLP),
+                     "Qwen3Config", "verified", hf_ignore=_INV_FREQ, hf_known=_QWEN3_HF + _QWEN3_DENSE_MLP,
+                     mf_training=("mindformers.models.qwen3.modeling_qwen3_train:TrainingQwen3ForCausalLM",
+                                  "mindformers.models.qwen3.configuration_qwen3:Qwen3Config")),
     "qwen3_moe": _Family("mindformers.models.qwen3_moe.utils", "Qwen3MoePreTrainedModel", "Qwen3MoeForCausalLM",
                          "qwen3_moe", "Qwen3MoeConfig", "verified",
                          mf_only=(r".*\.mlp\.router\.(fi_accu|expert_load)$",), hf_ignore=_INV_FREQ,
-                         hf_known=_QWEN3_HF + _QWEN3_MOE_MLP),  # MF makes every layer MoE: no dense MLPs
+                         hf_known=_QWEN3_HF + _QWEN3_MOE_MLP,  # MF makes every layer MoE: no dense MLPs
+                         mf_training=("mindformers.models.qwen3_moe.modeling_qwen3_moe_train:TrainingQwen3MoeForCausalLM",
+                                      "mindformers.models.qwen3_moe.configuration_qwen3_moe:Qwen3MoeConfig")),
     "qwen2": _Family("mindformers.models.qwen2.utils", "Qwen2PreTrainedModel", "Qwen2ForCausalLM", "qwen2",
                      "Qwen2Config", "names", "MindFormers 1.9 has an inference model only (no training model)"),
     "glm4": _Family("mindformers.models.glm4.utils", "Glm4PreTrainedModel", "Glm4ForCausalLM", "glm4",
@@ -241,6 +249,52 @@ def mindformers_weight_mapping(family: str) -> list[tuple[str, str]]:
     require("mindformers", "mindformers")
     cls = getattr(importlib.import_module(fam.mf_module), fam.mf_class)
     return [tuple(pair) for pair in cls.weight_mapping]  # type: ignore[misc]
+
+
+def family_for_class(cls: type) -> str | None:
+    """The model family of a model class, or None.
+
+    Found, first match wins, along the class's MRO: a class attribute ``model_family``
+    (a family name; for your own classes), else a MindFormers class that owns a family's
+    ``weight_mapping`` (e.g. ``TrainingQwen3ForCausalLM`` derives from
+    ``mindformers.models.qwen3.utils.Qwen3PreTrainedModel`` -> ``"qwen3"``).
+    """
+    if not isinstance(cls, type):
+        cls = type(cls)
+    for c in cls.__mro__:
+        own = c.__dict__.get("model_family")
+        if isinstance(own, str):
+            _family(own)
+            return own
+        for name, fam in _FAMILIES.items():
+            if c.__name__ == fam.mf_class and c.__module__ == fam.mf_module:
+                return name
+    return None
+
+
+def family_for_hf_model_type(model_type: Any) -> str | None:
+    """The family whose transformers ``model_type`` (``config.json``) is ``model_type``, or None."""
+    for name, fam in _FAMILIES.items():
+        if fam.hf_model_type is not None and fam.hf_model_type == model_type:
+            return name
+    return None
+
+
+def mindformers_training_classes(family: str) -> tuple[type, type]:
+    """``(model class, config class)`` of MindFormers' training model of ``family`` (imports mindformers)."""
+    import importlib
+
+    from ..errors import require
+
+    fam = _family(family)
+    if not fam.mf_training[0]:
+        raise LayoutError(f"model family {family!r} has no MindFormers training model distckpt knows")
+    require("mindformers", "mindformers")
+    out = []
+    for ref in fam.mf_training:
+        mod, _, cls = ref.partition(":")
+        out.append(getattr(importlib.import_module(mod), cls))
+    return out[0], out[1]
 
 
 def _family(name: str) -> _Family:
@@ -354,6 +408,7 @@ class ModelMap:
             )
         for (kind, mf), members in groups.items():
             ops.append(_fused_op(kind, mf, members, shapes, cfg, qkv_layout, ffn_layout))
+        _check_shapes(ops, cfg, hf_side=True)
         return Conversion(self, cfg, qkv_layout, ffn_layout, _sorted_ops(ops), tuple(skipped + unknown))
 
     def from_mf(
@@ -419,6 +474,7 @@ class ModelMap:
                 and not any(o.mf_name == "output_layer.weight" for o in ops):
             raise FormatError("the MindFormers checkpoint has no output_layer.weight but the config does not tie"
                               " word embeddings; set tie_word_embeddings in the config")
+        _check_shapes(ops, cfg, hf_side=False)
         return Conversion(self, cfg, qkv_layout, ffn_layout, _sorted_ops(ops), tuple(skipped))
 
     def _maps_to_hf(self, mf: str) -> bool:
@@ -501,6 +557,40 @@ def _fused_op(kind, mf, members, shapes, cfg: ModelConfig, qkv_layout, ffn_layou
         return experts_fc1_op(mf, names, [shapes[n] for n in names], num_experts=E)
     names = _complete(mf, members, [(e, "linear_fc2") for e in range(E)])
     return experts_fc2_op(mf, names, [shapes[n] for n in names], num_experts=E)
+
+
+# MF tensors whose shape the config fixes (the verified families' dense and attention tensors);
+# fused QKV rows and experts are checked when their ops are built.
+_SHAPES: tuple[tuple[re.Pattern, Callable[[ModelConfig], tuple[int, ...]]], ...] = (
+    (re.compile(r"^(embedding\.word_embeddings|output_layer)\.weight$"), lambda c: (c.vocab_size, c.hidden_size)),
+    (re.compile(r"(^decoder\.final_layernorm|\.input_layernorm|\.pre_mlp_layernorm)\.weight$"),
+     lambda c: (c.hidden_size,)),
+    (re.compile(r"\.self_attention\.[qk]_layernorm\.weight$"), lambda c: (c.head_dim,)),
+    (re.compile(r"\.self_attention\.linear_proj\.weight$"), lambda c: (c.hidden_size, c.num_heads * c.head_dim)),
+    (re.compile(r"\.self_attention\.linear_qkv\.weight$"),
+     lambda c: ((c.num_heads + 2 * c.num_kv_heads) * c.head_dim, c.hidden_size)),
+    (re.compile(r"\.mlp\.linear_fc1\.weight$"), lambda c: (2 * c.ffn_hidden_size, c.hidden_size)),
+    (re.compile(r"\.mlp\.linear_fc2\.weight$"), lambda c: (c.hidden_size, c.ffn_hidden_size)),
+    (re.compile(r"\.mlp\.router\.weight$"), lambda c: (c.num_experts, c.hidden_size)),
+)
+
+
+def _check_shapes(ops: Sequence[Op], cfg: ModelConfig, *, hf_side: bool) -> None:
+    """Every tensor whose shape the config fixes must have that shape (a wrong one would load into nothing)."""
+    for op in ops:
+        for pattern, want_of in _SHAPES:
+            if not pattern.search(op.mf_name):
+                continue
+            want = want_of(cfg)
+            if op.mf_shape != want:
+                name = ", ".join(op.hf_names) if hf_side else op.mf_name
+                got = op.hf_shapes[0] if hf_side and op.kind == "rename" else op.mf_shape
+                raise FormatError(
+                    f"{name}: shape {got} does not fit the model map: {op.mf_name} must be {want} for this config"
+                    f" (hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, {cfg.num_heads} heads,"
+                    f" {cfg.num_kv_heads} KV heads, head_dim {cfg.head_dim}, FFN {cfg.ffn_hidden_size})"
+                )
+            break
 
 
 def _complete(mf: str, members: Mapping[Any, str], keys: Iterable[Any]) -> list[str]:

@@ -12,6 +12,7 @@ kind            what SRC looks like                                             
 ``distckpt``    a directory with ``distckpt.index.json``                         :mod:`.distckpt`
 ``native``      ``rank_*/`` directories of ``.ckpt``/``.safetensors`` + strategy  :mod:`.native`
 ``pretrained``  MindFormers ``save_pretrained`` / HuggingFace weight directory    :mod:`.files`
+``mindformers`` MindFormers 1.9 root (tracker, ``iteration_*/``) or iteration dir :mod:`.mindformers`
 ==============  ================================================================  ===================
 
 Adding a source kind: write ``claims(probe) -> bool`` (look at ``probe.names``
@@ -199,6 +200,12 @@ def _open_native(p: Probe) -> Source:
                   info=info)
 
 
+def _mf():
+    from . import mindformers
+
+    return mindformers
+
+
 def _claims_pretrained(p: Probe) -> bool:
     from .files import pretrained_files
 
@@ -217,6 +224,7 @@ def _open_pretrained(p: Probe) -> Source:
 register("distckpt", lambda p: naming.INDEX_NAME in p.names, _open_distckpt)
 register("uncommitted", _claims_uncommitted, _open_distckpt)
 register("native", _claims_native, _open_native)
+register("mindformers", lambda p: _mf().claims(p), lambda p: _mf().open_mindformers(p), before="native")
 register("pretrained", _claims_pretrained, _open_pretrained)
 
 
@@ -231,6 +239,13 @@ def _mapped(source: Source, options: Mapping[str, Any]) -> Source:
 
 
 # ------------------------------------------------------------------ entry
+def _check_iteration_option(source: Source, url: str, options: Mapping[str, Any]) -> None:
+    if options.get("iteration") is not None and source.kind != SourceKind.MINDFORMERS:
+        raise UsageError(
+            f"--src-iteration selects an iteration of a MindFormers checkpoint root; {url} is a {source.kind} checkpoint"
+        )
+
+
 def _refuse_rank_slice(url: str, opts: dict) -> None:
     """``rank_N`` with ``rank_*`` siblings is one rank's slice, not a model."""
     parent, base = split_url(url)
@@ -268,6 +283,7 @@ def open_source(
 
             index = index_of_files(storage, [base])
             source = Source(storage, index, SourceKind.FILE, name=os.path.splitext(base)[0], path=storage.child_url(base))
+            _check_iteration_option(source, url, options)
             return _mapped(source, options)
     storage = open_storage(url, opts)
     names = storage.listdir()
@@ -279,7 +295,9 @@ def open_source(
     probe = Probe(url, storage, names, src_strategy, opts, dict(options))
     for op in _OPENERS:
         if op.claims(probe):
-            return _mapped(op.open(probe), probe.options)
+            source = op.open(probe)
+            _check_iteration_option(source, url, options)
+            return _mapped(source, probe.options)
     raise NotCommittedError(
         f"not a checkpoint: {url} holds no {naming.INDEX_NAME}, no rank_*/ directories, and no .ckpt/.safetensors weights"
     )

@@ -135,7 +135,7 @@ def writing(store: Store, fname: str) -> Iterator[BinaryIO]:
     if store.is_local:
         head, _, base = fname.rpartition("/")
         tmp = (head + "/" if head else "") + f".{base}.tmp-{uuid.uuid4().hex[:8]}"
-    f = store.open_write(tmp)
+    f: Any = store.open_write(tmp)  # a storage Writer; the codecs take any object with write()
     try:
         yield f
         store.close_durable(f)
