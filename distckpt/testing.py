@@ -9,10 +9,16 @@ that misbehaves; use them to qualify a new backend::
     from distckpt.testing import check_storage_contract, check_roundtrip
     check_storage_contract("myfs://bucket/tmp/contract")
     check_roundtrip("myfs://bucket/tmp/roundtrip")
+
+:class:`ThreadComm` and :func:`run_ranks` run a multi-rank job as threads of one
+process, with every primitive of :class:`~distckpt.comm.MPIComm`::
+
+    results = run_ranks(4, lambda rank, comm: save(state[rank], url, comm=comm))
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import threading
 import time
@@ -20,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .comm import Communicator
+from .comm import Communicator, _pieces, comm_timeout, format_ranks
 from .errors import DestinationExistsError, StorageError
 from .storage import (
     MARKER_NAME,
@@ -278,42 +284,164 @@ def check_roundtrip(url: str, storage_options: dict | None = None, seed: int = 0
     return got
 
 
-class ThreadComm(Communicator):
-    """Ranks as threads of one process (shared slots and a barrier).
+class _Hub:
+    """What the thread-ranks of one :class:`ThreadComm` group share (guarded by ``cond``)."""
 
-    Lets a test run a real multi-rank save or load on one CPU without mpirun;
-    the collectives carry the same JSON bytes as :class:`~distckpt.comm.MPIComm`.
+    def __init__(self, size: int, timeout: float | None):
+        self.size = size
+        self.timeout = timeout
+        self.cond = threading.Condition()
+        self.posts: dict[tuple[int, int], dict[int, Any]] = {}  # (seq, step) -> {rank: contribution}
+        self.reads: dict[tuple[int, int], int] = {}
+        self.verdicts: dict[int, tuple[str, dict[int, str]]] = {}  # seq -> the error every rank raises
+        self.gone: dict[int, tuple[int, str]] = {}  # rank -> (collectives it completed, why it left)
+        self.boxes: dict[tuple[int, int], collections.deque] = collections.defaultdict(collections.deque)
+
+
+class ThreadComm(Communicator):
+    """Ranks as threads of one process, with every primitive of :class:`~distckpt.comm.MPIComm`.
+
+    Lets a test run a real multi-rank save or load on one CPU without mpirun.
+    The protocol (header rounds, failure paths, messages) is the shared one of
+    :class:`~distckpt.comm.Communicator`; only the transport differs: each step of
+    a collective meets in a shared slot, ``exchange`` hands buffer views from
+    sender to receiver (the receiver copies).  Deadlines apply (``timeout`` of
+    :meth:`group`); a timeout names the ranks that did not arrive, the same text
+    on every rank.  A rank whose thread dies (see :func:`run_ranks`) is *gone*: the
+    collectives it will never join fail at once on the others, naming it.
     """
 
-    def __init__(self, rank: int, shared: dict):
-        self.rank, self.size, self._s = rank, shared["size"], shared
+    def __init__(self, rank: int, hub: _Hub):
+        super().__init__()
+        self.rank, self.size, self._hub = rank, hub.size, hub
+        self._key = (-1, 0)
 
     @staticmethod
     def group(n: int, *, timeout: float = 300) -> list[ThreadComm]:
-        shared = {"size": n, "barrier": threading.Barrier(n, timeout=timeout), "slots": [None] * n}
-        return [ThreadComm(r, shared) for r in range(n)]
+        hub = _Hub(n, comm_timeout(timeout))
+        return [ThreadComm(r, hub) for r in range(n)]
 
-    def barrier(self, name, *, timeout=None):
-        self._s["barrier"].wait()
+    def _timeout_value(self) -> float | None:
+        return self._hub.timeout
 
-    def _allgather_bytes(self, data, name, timeout):
-        self._s["slots"][self.rank] = data
-        self._s["barrier"].wait()
-        out = list(self._s["slots"])
-        self._s["barrier"].wait()
-        return out
+    def _leave(self, why: str) -> None:
+        """This rank takes part in no further collective (its thread ended with an error)."""
+        with self._hub.cond:
+            self._hub.gone[self.rank] = (self._done(), why)
+            self._hub.cond.notify_all()
 
-    def _broadcast_bytes(self, data, root, name, timeout):
-        if self.rank == root:
-            self._s["slots"][root] = data
-        self._s["barrier"].wait()
-        out = self._s["slots"][root]
-        self._s["barrier"].wait()
-        return out
+    def _check(self, op, present=None) -> None:
+        """With the hub's lock held: raise the verdict of ``op`` or name a rank that left before it."""
+        hub = self._hub
+        if op.seq in hub.verdicts:
+            raise self._break(*hub.verdicts[op.seq])
+        for r, (done, why) in sorted(hub.gone.items()):
+            if r != self.rank and done <= op.seq and (present is None or r not in present):
+                message = f"collective {op.name!r} (#{op.seq}) cannot complete: rank(s) {r} did not arrive (rank {r} {why})"
+                verdict = hub.verdicts.setdefault(op.seq, (message, {r: why}))
+                hub.cond.notify_all()
+                raise self._break(*verdict)
+
+    def _precheck(self, op) -> None:
+        with self._hub.cond:
+            self._check(op)
+
+    def _meet(self, op, value) -> dict[int, Any]:
+        """Post this rank's contribution to the next step of ``op``; every rank's, once all arrived."""
+        hub = self._hub
+        seq, step = self._key
+        self._key = key = (op.seq, step + 1 if seq == op.seq else 0)
+        with hub.cond:
+            got = hub.posts.setdefault(key, {})
+            got[self.rank] = value
+            hub.cond.notify_all()
+            while len(got) < self.size:
+                self._check(op, got)
+                left = None if op.deadline is None else op.deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    missing = [r for r in range(self.size) if r not in got]
+                    message = (
+                        f"collective {op.name!r} (#{op.seq}) timed out after {op.budget}: rank(s) "
+                        f"{format_ranks(missing)} did not arrive (crashed, hung, or still busy in an earlier phase; "
+                        f"if they are just slow, raise the timeout)"
+                    )
+                    failures = {r: f"did not arrive at {op.name!r} within {op.budget}" for r in missing}
+                    verdict = hub.verdicts.setdefault(op.seq, (message, failures))
+                    hub.cond.notify_all()
+                    raise self._break(*verdict)
+                hub.cond.wait(left)
+            out = dict(got)
+            hub.reads[key] = hub.reads.get(key, 0) + 1
+            if hub.reads[key] == self.size:
+                del hub.posts[key], hub.reads[key]
+            return out
+
+    def _t_header(self, words, op):
+        return [max(col) for col in zip(*self._meet(op, list(words)).values())]
+
+    def _t_allgather(self, data, op, maxsize):
+        got = self._meet(op, bytes(data))
+        return [got[r] for r in range(self.size)]
+
+    def _t_gather(self, data, op, root, maxsize):
+        got = self._meet(op, bytes(data))
+        return [got[r] for r in range(self.size)] if self.rank == root else None
+
+    def _t_bcast(self, data, op, root, size):
+        return self._meet(op, bytes(data) if self.rank == root and data is not None else None)[root]
+
+    def _await(self, op, ready, peer: int, what: str) -> None:
+        """With the hub's lock held: wait until ``ready()``, a verdict, ``peer`` leaving, or the deadline."""
+        hub = self._hub
+        while not ready():
+            if op.seq in hub.verdicts:
+                raise self._break(*hub.verdicts[op.seq])
+            if peer in hub.gone and hub.gone[peer][0] <= op.seq:
+                why = hub.gone[peer][1]
+                message = f"collective {op.name!r} (#{op.seq}) cannot complete: rank(s) {peer} did not arrive (rank {peer} {why})"
+                verdict = hub.verdicts.setdefault(op.seq, (message, {peer: why}))
+                hub.cond.notify_all()
+                raise self._break(*verdict)
+            left = None if op.deadline is None else op.deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise self._break(f"exchange {op.name!r} (#{op.seq}) timed out after {op.budget} on rank "
+                                  f"{self.rank} waiting {what}")
+            hub.cond.wait(left)
+
+    def _t_exchange(self, plan, op, chunk):
+        hub = self._hub
+        problems = []
+        with hub.cond:
+            mine = []
+            for dest, view in plan.sends:
+                for a, b in _pieces(len(view), chunk):
+                    item = [view[a:b], False]
+                    hub.boxes[(self.rank, dest)].append(item)
+                    mine.append((dest, item))
+            hub.cond.notify_all()
+            for src, view in plan.recvs:
+                box = hub.boxes[(src, self.rank)]
+                for a, b in _pieces(len(view), chunk):
+                    self._await(op, lambda box=box: bool(box), src, f"to receive from rank {src}")
+                    item = box.popleft()
+                    if len(item[0]) == b - a:
+                        view[a:b] = item[0]
+                    else:
+                        problems.append(f"received {len(item[0])} bytes from rank {src} into a {b - a}-byte piece")
+                    item[1] = True
+                    hub.cond.notify_all()
+            for dest, item in mine:
+                self._await(op, lambda item=item: item[1], dest, f"for rank {dest} to receive what it sent")
+        return "; ".join(problems) or None
 
 
-def run_ranks(n: int, fn, *, timeout: float = 300) -> list:
-    """Run ``fn(rank, comm)`` on ``n`` thread-ranks; return the results, re-raise the first error."""
+def run_ranks(n: int, fn, *, timeout: float = 300, return_exceptions: bool = False) -> list:
+    """Run ``fn(rank, comm)`` on ``n`` thread-ranks of one :class:`ThreadComm` group.
+
+    Returns the results; re-raises the first error (or, with ``return_exceptions``,
+    puts each rank's exception in its place).  A rank whose ``fn`` raises leaves
+    the group, so the others' pending collectives fail at once, naming it.
+    """
     comms = ThreadComm.group(n, timeout=timeout)
     results: list = [None] * n
     errors: list = []
@@ -323,13 +451,17 @@ def run_ranks(n: int, fn, *, timeout: float = 300) -> list:
             results[r] = fn(r, comms[r])
         except BaseException as exc:  # noqa: BLE001 - re-raised below
             errors.append(exc)
-            comms[r]._s["barrier"].abort()
+            results[r] = exc
+            comms[r]._leave(f"raised {type(exc).__name__}: {exc}"[:500])
 
-    threads = [threading.Thread(target=body, args=(r,)) for r in range(n)]
+    threads = [threading.Thread(target=body, args=(r,), name=f"rank-{r}") for r in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout)
-    if errors:
+    stuck = [r for r, t in enumerate(threads) if t.is_alive()]
+    if stuck:
+        raise AssertionError(f"thread-rank(s) {stuck} still running after {timeout} s")
+    if errors and not return_exceptions:
         raise errors[0]
     return results

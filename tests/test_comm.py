@@ -1,23 +1,31 @@
 """Communicators and launch/mpirun.sh.
 
-Single-process tests run everywhere.  The MPI tests run real ``mpirun -n 4
---oversubscribe`` (4 ranks on 2 cores is the point) through subprocess with a
-timeout well below pytest's, parse each rank's ``RANK r KEY json`` lines, and
-are skipped when mpirun or mpi4py is missing.
+Single-process tests run everywhere: SingleComm, and ThreadComm (thread-ranks,
+up to 64) for every primitive, failure path and the scaling properties.  The MPI
+tests run real ``mpirun -n 4 --oversubscribe`` (4 ranks on 2 cores is the point)
+through subprocess with a timeout well below pytest's, parse each rank's
+``RANK r KEY json`` lines, and are skipped when mpirun or mpi4py is missing.
+The exit-status tests run every rank under ``comm_exitwrap.py``, which records
+the status each process really ended with.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import ml_dtypes
+import numpy as np
 import pytest
 
 from distckpt import comm as comm_mod
@@ -30,7 +38,8 @@ from distckpt.comm import (
     get_comm,
     reset_comm,
 )
-from distckpt.errors import DistributedError
+from distckpt.errors import ConfigError, DistributedError
+from distckpt.testing import run_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "tests" / "mpi_scripts"
@@ -162,13 +171,287 @@ def test_get_comm_selection(monkeypatch):
 
 
 def test_core_import_does_not_import_mpi4py_or_mindspore():
-    code = "import distckpt.comm, distckpt.jobconfig, sys; print('mpi4py' in sys.modules, 'mindspore' in sys.modules)"
+    code = (
+        "import distckpt.comm, distckpt.jobconfig, sys; "
+        "print('mpi4py' in sys.modules, 'mindspore' in sys.modules, 'distckpt.mindspore' in sys.modules); "
+        "from distckpt.comm import MindSporeComm; "
+        "print(MindSporeComm.__module__, 'mindspore' in sys.modules, MindSporeComm.can_exchange)"
+    )
     out = subprocess.run([PY, "-c", code], capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=LIMIT)
-    assert out.stdout.split() == ["False", "False"], out.stderr
+    assert out.stdout.split() == ["False", "False", "False", "distckpt.mindspore.comm", "False", "False"], out.stderr
+
+
+def test_mindspore_comm_is_resolved_through_the_registry(monkeypatch):
+    assert comm_mod.COMM_REGISTRY["mindspore"] == "distckpt.mindspore.comm:MindSporeComm"
+    monkeypatch.setitem(comm_mod.COMM_REGISTRY, "mindspore", "distckpt.comm:SingleComm")
+    monkeypatch.setenv("DISTCKPT_COMM", "mindspore")
+    assert type(comm_mod._detect()) is SingleComm
+    with pytest.raises(AttributeError):
+        comm_mod.NoSuchComm  # noqa: B018
+
+
+def test_single_comm_new_primitives():
+    c = SingleComm()
+    assert c.gather({"a": (1,)}, "g") == [{"a": [1]}]
+    assert c.gather_bytes(b"\x00\xff", "gb") == [b"\x00\xff"]
+    b16 = np.arange(7, dtype=np.float32).astype(ml_dtypes.bfloat16)
+    assert c.gather_bytes(b16, "gb16") == [b16.tobytes()]
+    assert c.run("w", lambda: 5, gather="root") == [5]
+    c.agree("ok")
+    with pytest.raises(DistributedError) as info:
+        c.agree("plan", ValueError("disk full"))
+    assert str(info.value) == "plan failed on rank(s) 0: rank 0: ValueError: disk full"
+    assert isinstance(info.value.__cause__, ValueError)
+    with pytest.raises(DistributedError, match="plan failed on rank"):
+        c.agree("plan", "a message")
+    with pytest.raises(ConfigError, match="gather must be"):
+        c.run("w", lambda: 1, gather="all")
+    # exchange with itself: pieces matched in posting order, cut consistently, zero-copy into the arrays
+    a = np.arange(1000, dtype=np.float32).astype(ml_dtypes.bfloat16)
+    got, empty = np.zeros_like(a), bytearray()
+    c.exchange([(0, a), (0, b"")], [(0, got), (0, empty)], "self", chunk=333)
+    assert got.view(np.uint16).tobytes() == a.view(np.uint16).tobytes()
+    with pytest.raises(DistributedError, match="received 4 bytes from rank 0 into a 6-byte piece"):
+        c.exchange([(0, b"abcd")], [(0, bytearray(6))], "short")
+    with pytest.raises(DistributedError, match="not a rank of this 1-rank"):
+        c.exchange([(1, b"x")], [], "bad.rank")
+    with pytest.raises(DistributedError, match="read-only"):
+        c.exchange([], [(0, b"immutable")], "bad.buf")
+    with pytest.raises(DistributedError, match="non-contiguous"):
+        c.exchange([(0, np.zeros((4, 4))[:, 1])], [], "bad.stride")
+    with pytest.raises(ConfigError, match="chunk"):
+        c.exchange([], [], "bad.chunk", chunk=0)
+    assert c.stats["collectives"] > 0 and c.stats["bytes_sent"] > 0
+
+
+# ----------------------------------------------------------------------------------------
+# thread-ranks (ThreadComm): the same protocol as MPIComm, in one process
+
+
+def outcomes(n, fn, timeout=60):
+    """Each rank's result or exception, and how long the group took."""
+    t0 = time.monotonic()
+    got = run_ranks(n, fn, timeout=timeout, return_exceptions=True)
+    return got, time.monotonic() - t0
+
+
+def test_thread_comm_every_primitive_is_exact():
+    def body(r, c):
+        big = bytes(range(256)) * 20 + bytes([r]) * r  # above 4 KiB
+        return {
+            "gather": c.gather({"r": r}, "g", root=2),
+            "gather_bytes": c.gather_bytes(big, "gb"),
+            "allgather": c.allgather((r, str(r)), "ag"),
+            "bcast_small": c.broadcast({"id": "x"} if r == 1 else None, root=1, name="b1"),
+            "bcast_big": c.broadcast("y" * 3000 if r == 3 else None, root=3, name="b2"),
+            "run": c.run("run", lambda: r * r, gather=True),
+            "run_root": c.run("run.root", lambda: r + 1, gather="root"),
+            "run_on_root": c.run_on_root("commit", lambda: f"by {r}"),
+            "errors": c.gather_errors("ge", None),
+            "agree": c.agree("ok"),
+        }
+
+    got = run_ranks(4, body, timeout=60)
+    for r, g in enumerate(got):
+        assert g["gather"] == ([{"r": i} for i in range(4)] if r == 2 else None)
+        assert g["gather_bytes"] == ([bytes(range(256)) * 20 + bytes([i]) * i for i in range(4)] if r == 0 else None)
+        assert g["allgather"] == [[i, str(i)] for i in range(4)]
+        assert g["bcast_small"] == {"id": "x"} and g["bcast_big"] == "y" * 3000
+        assert g["run"] == [0, 1, 4, 9]
+        assert g["run_root"] == ([1, 2, 3, 4] if r == 0 else None)
+        assert g["run_on_root"] == "by 0" and g["errors"] == {} and g["agree"] is None
+
+
+def test_thread_comm_failures_raise_the_same_error_everywhere():
+    def body(r, c):
+        seen = []
+        for name, call in (
+            ("agree", lambda: c.agree("plan", ValueError(f"bad {r}") if r in (1, 3) else None)),
+            ("run", lambda: c.run("save.write", lambda: 1 / (r - 2), gather=True)),
+            ("root", lambda: c.run_on_root("commit", lambda: {}["missing"])),
+        ):
+            try:
+                call()
+            except DistributedError as exc:
+                seen.append((name, str(exc), exc.failures))
+        seen.append(c.gather_errors("ge", "oops" if r == 0 else None))
+        return seen
+
+    got = run_ranks(4, body, timeout=60)
+    assert all(g == got[0] for g in got)
+    (_, agree, agree_f), (_, run, run_f), (_, root, root_f), errors = got[0]
+    assert agree == "plan failed on rank(s) 1, 3: rank 1: ValueError: bad 1; rank 3: ValueError: bad 3"
+    assert agree_f == {1: "ValueError: bad 1", 3: "ValueError: bad 3"}
+    assert run == "save.write failed on rank(s) 2: rank 2: ZeroDivisionError: division by zero" and list(run_f) == [2]
+    assert root == "commit failed on rank(s) 0: rank 0: KeyError: 'missing'" and list(root_f) == [0]
+    assert errors == {0: "oops"}
+
+
+def test_thread_comm_timeout_names_the_missing_rank_everywhere():
+    gave_up = threading.Semaphore(0)
+
+    def body(r, c):
+        c.barrier("warmup")
+        if r == 2:  # reaches save.commit only after the others gave up on it
+            for _ in range(3):
+                gave_up.acquire(timeout=30)
+            try:
+                c.barrier("save.commit")
+            except DistributedError as exc:
+                return ("late", str(exc))
+            return ("late", None)
+        try:
+            c.barrier("save.commit", timeout=1)
+        except DistributedError as exc:
+            result = ("error", str(exc), exc.failures)
+        gave_up.release()
+        try:
+            c.barrier("later")
+        except DistributedError as exc:
+            result += (str(exc),)
+        return result
+
+    got = run_ranks(4, body, timeout=60)
+    message = got[0][1]
+    assert message.startswith("collective 'save.commit' (#1) timed out after 1 s: rank(s) 2 did not arrive")
+    for r in (0, 1, 3):
+        assert got[r][1] == message and list(got[r][2]) == [2]
+        assert "unusable after an earlier failure" in got[r][3]
+    assert got[2] == ("late", message)  # the late rank finds the verdict waiting
+
+
+def test_thread_comm_rank_that_dies_fails_the_others_at_once():
+    def body(r, c):
+        if r == 1:
+            raise RuntimeError("rank 1 dies before the first collective")
+        c.barrier("save.describe")  # default-size timeout: only the departure can end this quickly
+
+    got, took = outcomes(4, body, timeout=120)
+    assert isinstance(got[1], RuntimeError)
+    for r in (0, 2, 3):
+        assert isinstance(got[r], DistributedError)
+        assert "save.describe' (#0) cannot complete: rank(s) 1 did not arrive" in str(got[r])
+        assert "raised RuntimeError: rank 1 dies" in str(got[r]) and list(got[r].failures) == [1]
+    assert took < 60  # a hang detector, not a timing measurement
+
+
+def test_thread_comm_rank_that_leaves_inside_an_exchange_fails_the_others():
+    def body(r, c):
+        if r == 1:
+            c._t_exchange = lambda *a, **k: sys.exit(7)
+        c.exchange([((r + 1) % 4, b"x" * 10)], [((r - 1) % 4, bytearray(10))], "load.share")
+
+    got, took = outcomes(4, body, timeout=120)
+    assert isinstance(got[1], SystemExit)
+    for r in (0, 2, 3):
+        assert isinstance(got[r], DistributedError), got[r]
+        assert str(got[r]) == "collective 'load.share' (#0) cannot complete: rank(s) 1 did not arrive (rank 1 raised SystemExit: 7)"
+        assert list(got[r].failures) == [1]
+    assert took < 60
+
+
+def test_thread_comm_mismatch_is_reported_everywhere():
+    def body(r, c):
+        try:
+            c.barrier("phase.b" if r == 3 else "phase.a")
+        except DistributedError as exc:
+            return str(exc), exc.failures
+
+    got = run_ranks(4, body, timeout=60)
+    assert all(g == got[0] for g in got)
+    message, failures = got[0]
+    assert message.startswith("collective mismatch: rank 0 is in barrier 'phase.a' (#0) but rank 3 is in barrier 'phase.b'")
+    assert failures == {3: "in barrier 'phase.b' (#0)"}
+
+
+def payload(src: int, dst: int) -> bytes:
+    n = 0 if (src, dst) == (1, 2) else 517 * (src + 1) * (dst + 1) + src
+    return hashlib.shake_256(f"{src}->{dst}".encode()).digest(n) if n else b""
+
+
+def test_thread_comm_exchange_is_exact():
+    def body(r, c):
+        n = c.size
+        recv = {s: bytearray(len(payload(s, r))) for s in range(n)}
+        c.exchange([(d, payload(r, d)) for d in range(n)], [(s, recv[s]) for s in range(n)], "all", chunk=1000)
+        left, right = (r - 1) % n, (r + 1) % n
+        mine = (np.arange(1000 + 37 * r, dtype=np.float32) / 7).astype(ml_dtypes.bfloat16)
+        theirs = np.zeros(1000 + 37 * left, dtype=ml_dtypes.bfloat16)
+        c.exchange([(right, mine)], [(left, theirs)], "ring", chunk=333)
+        want = (np.arange(1000 + 37 * left, dtype=np.float32) / 7).astype(ml_dtypes.bfloat16)
+        return [bytes(recv[s]) == payload(s, r) for s in range(n)] + [theirs.view(np.uint16).tobytes() == want.view(np.uint16).tobytes()]
+
+    assert run_ranks(4, body, timeout=60) == [[True] * 5] * 4
+
+
+def test_thread_comm_exchange_bad_arguments_fail_everywhere():
+    def body(r, c):
+        sends = [((r + 1) % 4, np.zeros((4, 4))[:, 1] if r == 2 else b"x")]
+        try:
+            c.exchange(sends, [((r - 1) % 4, bytearray(1))], "share")
+        except DistributedError as exc:
+            return str(exc), c.allgather(r, "after")
+
+    got = run_ranks(4, body, timeout=60)
+    assert all(g == got[0] for g in got)
+    assert got[0][0].startswith("exchange 'share' failed on rank(s) 2: rank 2: ValueError: sends[0] buffer is a non-contiguous")
+    assert got[0][1] == [0, 1, 2, 3]  # not a broken communicator
+
+
+def test_64_thread_ranks_gather_and_agree():
+    def body(r, c):
+        g = c.gather({"rank": r, "chunks": list(range(r % 5))}, "save.reports")
+        c.agree("save.plan")
+        try:
+            c.agree("save.write", OSError(f"disk full on {r}") if r in (5, 40, 41, 42) else None)
+        except DistributedError as exc:
+            return g, str(exc), sorted(exc.failures)
+
+    got = run_ranks(64, body, timeout=120)
+    assert got[0][0] == [{"rank": r, "chunks": list(range(r % 5))} for r in range(64)]
+    assert all(g[0] is None for g in got[1:])
+    assert all(g[1:] == got[0][1:] for g in got)
+    assert got[0][1].startswith("save.write failed on rank(s) 5, 40-42: rank 5: OSError: disk full on 5; rank 40:")
+    assert got[0][2] == [5, 40, 41, 42]
+
+
+@pytest.mark.parametrize("nbytes", [100, 10_000])
+def test_bytes_a_rank_sends_in_gather_and_agree_do_not_grow_with_world_size(nbytes):
+    def sent(n):
+        def body(r, c):
+            before = c.stats["bytes_sent"]
+            c.gather_bytes(bytes(nbytes), "reports")
+            mid = c.stats["bytes_sent"]
+            c.agree("plan")
+            return mid - before, c.stats["bytes_sent"] - mid
+
+        return run_ranks(n, body, timeout=60)[1]  # a non-root rank
+
+    assert sent(2) == sent(8) == sent(32)
+    assert sent(32)[0] <= nbytes + 400  # its own data, plus one fixed-size header
+
+
+# ----------------------------------------------------------------------------------------
+# MPI, one process
 
 
 @needs_mpi
 def test_mpicomm_in_one_process(monkeypatch):
+    monkeypatch.delenv("DISTCKPT_COMM_TIMEOUT", raising=False)
+    from mpi4py import MPI
+
+    c = get_comm(MPI.COMM_SELF)
+    assert c.gather(1, "g") == [1] and c.gather_bytes(b"ab", "gb") == [b"ab"]
+    got = bytearray(3)
+    c.exchange([(0, b"xyz")], [(0, got)], "self", chunk=2)
+    assert got == b"xyz"
+    c.agree("ok")
+    with pytest.raises(DistributedError, match="plan failed on rank"):
+        c.agree("plan", "no")
+
+
+@needs_mpi
+def test_mpicomm_in_one_process_old_calls(monkeypatch):
     monkeypatch.delenv("DISTCKPT_COMM_TIMEOUT", raising=False)
     from mpi4py import MPI
 
@@ -257,6 +540,115 @@ def test_collective_mismatch_is_reported_everywhere():
     assert sorted(ranks) == [0, 1, 2, 3]
     for got in ranks.values():
         assert "collective mismatch" in got["ERROR"] and "rank 3 is in barrier 'phase.b'" in got["ERROR"]
+
+
+@needs_mpi
+@pytest.mark.parametrize("wait", ["auto", "block", "poll"])
+def test_new_primitives_across_4_ranks(wait):
+    proc, ranks, _ = mpirun("primitives", DISTCKPT_COMM_WAIT=wait)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(ranks) == [0, 1, 2, 3]
+    big = bytes(range(256)) * 40
+    for r, got in ranks.items():
+        assert got["GATHER"] == ([{"r": i, "s": "x" * i} for i in range(4)] if r == 0 else None)
+        assert got["GATHER1"] == ([0, 10, 20, 30] if r == 1 else None)
+        want = [hashlib.sha256(big[: 4000 + 1000 * i]).hexdigest() for i in range(4)]
+        assert got["GATHERBYTES"] == (want if r == 0 else None)
+        assert got["GATHERNUMPY"] == ([[], [0], [0, 1], [0, 1, 2]] if r == 3 else None)
+        assert got["AGREE"] is True
+        assert got["RUNROOT"] == ([0, 2, 4, 6] if r == 0 else None)
+        assert got["BCASTBIG"] == hashlib.sha256(("z" * 5000 + "end").encode()).hexdigest()
+        assert got["ERRORS"] == {"3": "bad"}
+        assert got["EXCHANGE"] == [True] * 4  # every pair, sizes 0 to ~10 KiB, 1000-byte pieces
+        assert got["RING"] == [True, True]  # bf16 bit for bit, 333-byte pieces, two messages per pair in order
+        assert got["SHORT"] == ["exchange 'exchange.short' failed on rank(s) 1: rank 1: received 8 bytes from rank 0 "
+                                "into a 10-byte piece", [1]]
+        assert got["AFTER"] == [0, 1, 2, 3]
+
+
+@needs_mpi
+def test_agree_failure_raises_same_error_on_every_rank():
+    proc, ranks, _ = mpirun("agree_fail")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(ranks) == [0, 1, 2, 3]
+    for got in ranks.values():
+        assert got["ERROR"] == ["DistributedError", "plan failed on rank(s) 2: rank 2: ValueError: no space on rank 2",
+                                {"2": "ValueError: no space on rank 2"}]
+        assert got["AFTER"] == [0, 1, 2, 3]
+
+
+@needs_mpi
+def test_failure_in_the_first_phase_reaches_every_rank_at_default_settings():
+    proc, ranks, elapsed = mpirun("early_fail")  # DISTCKPT_COMM_TIMEOUT unset: 600 s
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(ranks) == [0, 1, 2, 3]
+    for got in ranks.values():
+        message, failures, waited = got["ERROR"]
+        assert message == "save.describe failed on rank(s) 1: rank 1: ValueError: state holds an object() on rank 1"
+        assert list(failures) == ["1"]
+        assert waited < 10
+    assert elapsed < LIMIT - 30
+
+
+@needs_mpi
+def test_a_rank_leaving_inside_an_exchange_fails_the_others_at_once():
+    proc, ranks, elapsed = mpirun("exchange_death")  # default deadline: only the departure can end this quickly
+    assert sorted(ranks) == [0, 2, 3], proc.stdout + proc.stderr[-3000:]
+    for got in ranks.values():
+        message, failures, waited = got["ERROR"]
+        assert message == "collective 'load.share' (#1) cannot complete: rank(s) 1 did not arrive (rank 1 exited with status 7)"
+        assert list(failures) == ["1"]
+        assert waited < 10
+    assert proc.returncode != 0 and elapsed < LIMIT - 30
+
+
+def run_exits(mode: str, out: Path) -> tuple[subprocess.CompletedProcess, dict, dict]:
+    """Run comm_exit.py MODE on 4 ranks, each under comm_exitwrap.py; the intended and the real statuses."""
+    out.mkdir()
+    cmd = [MPIRUN, "-n", "4", "--oversubscribe", PY, str(SCRIPTS / "comm_exitwrap.py"), str(out), "--",
+           PY, str(SCRIPTS / "comm_exit.py"), mode, str(out)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=LIMIT, env=_env(DISTCKPT_COMM_TIMEOUT="3"))
+        deadline = time.monotonic() + 15  # the recorders write the real status as their rank ends
+        while len(list(out.glob("status_*.json"))) < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        for pid_file in out.glob("pid_*"):  # never leave a rank behind, whatever happened
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+    intents = {int(f.stem.split("_")[1]): json.loads(f.read_text()) for f in out.glob("intent_*.json")}
+    real = {int(f.stem.split("_")[1]): json.loads(f.read_text()) for f in out.glob("status_*.json")}
+    return proc, intents, real
+
+
+@needs_mpi
+def test_every_rank_exits_with_its_own_status_after_a_timeout(tmp_path):
+    # rank 1 sleeps; rank 0 raises SystemExit(4) at the top level, rank 2 returns normally, rank 3 sys.exit(3)
+    proc, intents, real = run_exits("mixed", tmp_path / "out")
+    assert sorted(real) == [0, 1, 2, 3], proc.stderr[-3000:]
+    assert sorted(intents) == [0, 2, 3]
+    assert {r: intents[r]["code"] for r in intents} == {0: 4, 2: 0, 3: 3}
+    for r in (0, 2, 3):
+        assert real[r]["rc"] == intents[r]["code"], (r, real, proc.stderr[-3000:])
+        assert "collective 'save.commit' (#1) timed out after 3 s: rank(s) 1 did not arrive" in intents[r]["error"]
+    assert real[1]["rc"] < 0  # still asleep: mpirun's teardown killed it
+    first_error = min(i["t"] for i in intents.values())
+    assert max(x["t"] for x in real.values()) - first_error < 10
+
+
+@needs_mpi
+def test_every_rank_exits_with_its_own_status_when_one_leaves_early(tmp_path):
+    # rank 1 exits with 5 before the collective; the others learn it at once and sys.exit(3)
+    proc, intents, real = run_exits("exit5", tmp_path / "out")
+    assert sorted(real) == [0, 1, 2, 3], proc.stderr[-3000:]
+    assert {r: x["rc"] for r, x in real.items()} == {0: 3, 1: 5, 2: 3, 3: 3}
+    assert {r: x["code"] for r, x in intents.items()} == {0: 3, 1: 5, 2: 3, 3: 3}
+    for r in (0, 2, 3):
+        assert intents[r]["error"] == ("collective 'save.commit' (#1) cannot complete: rank(s) 1 did not arrive "
+                                       "(rank 1 exited with status 5)")
+    assert max(x["t"] for x in real.values()) - intents[1]["t"] < 10
 
 
 # ----------------------------------------------------------------------------------------
