@@ -142,7 +142,7 @@ def load(
     """
     c = get_comm(comm) if (rank is None or cooperative) else None
     coop = bool(cooperative) if cooperative is not None else (strategy is not None and rank is None and c is not None
-                                                                and c.size > 1)
+                                                                and c.size > 1 and c.can_exchange)
     if coop:
         assert c is not None
         return _load_together(c, path, strategy=strategy, src_strategy=src_strategy, names=names,
