@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from bench.model import make_model, rank_states, strategy, tensor_data
+from bench.peertasks import TASKS as PEER_TASKS
 
 
 def _model(a):
@@ -278,9 +279,8 @@ def load_ratio(a):
 def plan(a):
     """plan_save for R ranks x T tensors (DP x TP), and one rank's load plan into another layout."""
     from distckpt.index import Chunk, TensorInfo
-    from distckpt.layout import ParamSpec, Strategy, TensorLayout
+    from distckpt.layout import ParamSpec, Strategy, TensorLayout, box_of
     from distckpt.plan import ChunkLookup, plan_box_reads, plan_save
-    from distckpt.sources import box_of
 
     ranks, ntensors, tp = int(a["ranks"]), int(a["tensors"]), int(a.get("tp", 8))
     dp = ranks // tp
@@ -308,7 +308,7 @@ def plan(a):
     t0 = time.perf_counter()
     nreq = 0
     for t in infos.values():
-        box = box_of(t, new, ranks - 1)
+        box = box_of(new, t.name, t.shape, ranks - 1)
         lk = ChunkLookup([c.box for c in t.chunks])
         for ci, inter in lk.overlapping(box):
             nreq += len(plan_box_reads(t.chunks[ci].box, inter, 2).requests)
@@ -325,7 +325,8 @@ def plan(a):
 
 
 TASKS = {
-    f.__name__: f
+    **PEER_TASKS,
+    **{f.__name__: f
     for f in (
         build_native,
         save_distckpt,
@@ -338,7 +339,7 @@ TASKS = {
         reshard_mindspore,
         load_ratio,
         plan,
-    )
+    )},
 }
 
 

@@ -50,11 +50,13 @@ def default_hidden(size: int) -> int:
     return 256
 
 
-def make_model(size: int, dtype: str = "float32", hidden: int | None = None) -> Model:
+def make_model(size: int, dtype: str = "float32", hidden: int | None = None, *, head: bool = False) -> Model:
+    """About ``size`` bytes of LLM-shaped tensors; ``head`` adds an lm_head (4h x h, dim 0) after the layers."""
     h = hidden or default_hidden(size)
     item = dtypes.itemsize(dtype)
     per_layer = 12 * h * h + 2 * h
-    layers = max(1, round((size / item - 4 * h * h) / per_layer))
+    fixed = (8 if head else 4) * h * h
+    layers = max(1, round((size / item - fixed) / per_layer))
     ts: list[tuple[str, tuple[int, ...], int | None]] = [("model.embed.weight", (4 * h, h), 0)]
     for i in range(layers):
         p = f"model.layers.{i}."
@@ -67,6 +69,8 @@ def make_model(size: int, dtype: str = "float32", hidden: int | None = None) -> 
             (p + "norm2.weight", (h,), None),
         ]
     ts.append(("model.norm.weight", (h,), None))
+    if head:
+        ts.append(("lm_head.weight", (4 * h, h), 0))
     return Model(h, layers, dtype, tuple(ts))
 
 
@@ -81,7 +85,8 @@ def strategy(model: Model, dp: int, tp: int, *, dim: int | None = None) -> Strat
         tm = [-1] * len(shape)
         if split is not None:
             tm[dim if dim is not None and len(shape) == 2 else split] = 0
-        params[name] = ParamSpec(name, TensorLayout((dp, tp), tuple(tm)), shape=shape)
+        tmap = tuple((t,) for t in tm)  # the normalised form: one tuple of axes per dim
+        params[name] = ParamSpec(name, TensorLayout((dp, tp), tmap), shape=shape)
     return Strategy(params)
 
 
@@ -92,6 +97,31 @@ def tensor_data(model: Model, name: str, shape: tuple[int, ...], seed: int = 0) 
     if model.dtype == "float32":
         return a
     return a.astype(dtypes.to_numpy(model.dtype))
+
+
+def peer_model(size: int, *, head: bool) -> Model:
+    """The model of the peer rows: fp32, hidden 1024 from 64 MiB up (512 and 128 MiB with a head, 256 and
+    64 MiB without, are then exact up to the norms), 512 from 16 MiB (32 MiB exact), 256 below."""
+    hidden = 1024 if size >= 64 * MiB else 512 if size >= 16 * MiB else 256
+    return make_model(size, "float32", hidden, head=head)
+
+
+def block_data(name: str, shape: tuple[int, ...], part: int, parts: int) -> np.ndarray:
+    """Row block ``part`` of ``parts`` of a tensor (the whole tensor when it is 1-D): uniform [0, 1) fp32.
+
+    A tensor's values are defined block by block, so each rank of a row-sharded save makes only its
+    own rows, and anyone can rebuild a column slice from the blocks.
+    """
+    if len(shape) == 1:
+        part, parts = 0, 1
+    rows = shape[0] // parts
+    rng = np.random.default_rng([zlib.crc32(name.encode()), part, parts])
+    return rng.random((rows, *shape[1:]), dtype=np.float32)
+
+
+def fingerprint(a: np.ndarray) -> int:
+    """Exact, order-free fingerprint of an array's bytes: their sum as an integer."""
+    return int(np.ascontiguousarray(a).reshape(-1).view(np.uint8).sum(dtype=np.uint64))
 
 
 def rank_states(model: Model, strat: Strategy, seed: int = 0):

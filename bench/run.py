@@ -1,15 +1,16 @@
-"""distckpt benchmarks, side by side with MindSpore and the raw disk.
+"""distckpt benchmarks, side by side with its peers (PyTorch DCP, mindformers.checkpoint) and the machine's limits.
 
 Run from the repository root::
 
-    python -m bench.run                 # ~1 GiB model, 8 ranks TP4 x DP2, fp32 and bf16, scaling 256 MiB..4 GiB
-    python -m bench.run --quick         # ~64 MiB, a minute or two
-    python -m bench.run --size 512MiB --ranks 8 --tp 4 --dtype bfloat16 --no-scaling
+    python -m bench.run                 # peer rows at issue 13's sizes: 512 MiB 4-rank save, 256 MiB Cell, S3, limits
+    python -m bench.run --quick         # the same rows, smaller, 3 repetitions
+    python -m bench.run --mindspore     # the older suite: vs MindSpore's offline tools and the raw disk
+    python -m bench.run --mindspore --size 512MiB --ranks 8 --tp 4 --dtype bfloat16 --no-scaling
 
-Every tool runs as its own child process (``python -m bench.child``); wall time
-is the whole process (interpreter start and imports included) and peak RSS is
-the child's ``ru_maxrss`` from ``os.wait4``.  Results go to
-``bench/results/latest.json`` and ``bench/results/latest.md``.
+The peer rows live in ``bench/peers.py`` (orchestration), ``bench/rankjob.py`` (one rank under
+mpirun / torchrun), ``bench/peertasks.py`` (single-process tasks) and ``bench/report.py`` (table and
+chart); results go to ``bench/results/latest.{json,md,png}``.  The MindSpore suite runs every tool
+as its own child process (``python -m bench.child``) and writes ``bench/results/mindspore.{json,md}``.
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ def bench_dtype(a, dtype: str, size: int, work: str, logs: str, *, with_ms: bool
 
     if a.save:
         say(f"{dtype} {m.nbytes / MiB:.0f} MiB: save (distckpt, raw disk{', MindSpore' if use_ms else ''})")
-        save = {}
+        save: dict = {}
         # interleaved repetitions: the disk is shared and noisy, the median of each is compared
         for rep in range(a.save_reps):
             last = rep == a.save_reps - 1
@@ -230,23 +231,96 @@ def bench_dtype(a, dtype: str, size: int, work: str, logs: str, *, with_ms: bool
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", default=None, help="model size (default 1GiB; --quick 64MiB)")
-    ap.add_argument("--ranks", type=int, default=8)
-    ap.add_argument("--tp", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=None, help="hidden size (default: from --size)")
-    ap.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16"], help="repeatable; default fp32 and bf16")
-    ap.add_argument("--quick", action="store_true", help="~64 MiB preset, no 4 GiB scaling point")
-    ap.add_argument("--scaling", default=None, help="comma list of sizes for the merge scaling table (default 256MiB,1GiB,4GiB)")
-    ap.add_argument("--no-scaling", action="store_true")
-    ap.add_argument("--no-mindspore", action="store_true", help="skip the MindSpore baseline")
-    ap.add_argument("--no-save", dest="save", action="store_false")
-    ap.add_argument("--checksum-reps", type=int, default=5)
-    ap.add_argument("--save-reps", type=int, default=3, help="interleaved save repetitions (median compared)")
-    ap.add_argument("--plan-ranks", type=int, default=10_000)
-    ap.add_argument("--plan-tensors", type=int, default=1_000)
+    ap.add_argument("--quick", action="store_true", help="small preset (peers: 128 MiB / 64 MiB / 32 MiB, 3 reps)")
     ap.add_argument("--workdir", default=None, help="scratch directory (all tools use this disk; default: a temp dir)")
-    ap.add_argument("--out", default=RESULTS, help="where latest.json / latest.md go")
+    ap.add_argument("--out", default=RESULTS, help="where latest.json / latest.md / latest.png go")
+    peers = ap.add_argument_group("peer rows (the default suite)")
+    peers.add_argument("--reps", type=int, default=None, help="alternated repetitions per row (default 5; --quick 3)")
+    peers.add_argument("--save-size", default=None, help="model of rows 1-2 (default 512MiB)")
+    peers.add_argument("--cell-size", default=None, help="Cell of rows 3-4 (default 256MiB)")
+    peers.add_argument("--s3-size", default=None, help="model of the S3 row (default 128MiB)")
+    peers.add_argument("--save-ranks", type=int, default=4)
+    peers.add_argument("--load-ranks", type=int, default=2)
+    legacy = ap.add_argument_group("--mindspore: the older suite (distckpt vs MindSpore's offline tools and the raw disk)")
+    legacy.add_argument("--mindspore", action="store_true", help="run the MindSpore suite instead (writes mindspore.json/.md)")
+    legacy.add_argument("--size", default=None, help="model size (default 1GiB; --quick 64MiB)")
+    legacy.add_argument("--ranks", type=int, default=8)
+    legacy.add_argument("--tp", type=int, default=4)
+    legacy.add_argument("--hidden", type=int, default=None, help="hidden size (default: from --size)")
+    legacy.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16"], help="repeatable; default fp32 and bf16")
+    legacy.add_argument("--scaling", default=None, help="comma list of sizes for the merge scaling table (default 256MiB,1GiB,4GiB)")
+    legacy.add_argument("--no-scaling", action="store_true")
+    legacy.add_argument("--no-mindspore", action="store_true", help="skip the MindSpore baseline")
+    legacy.add_argument("--no-save", dest="save", action="store_false")
+    legacy.add_argument("--checksum-reps", type=int, default=5)
+    legacy.add_argument("--save-reps", type=int, default=3, help="interleaved save repetitions (median compared)")
+    legacy.add_argument("--plan-ranks", type=int, default=10_000)
+    legacy.add_argument("--plan-tensors", type=int, default=1_000)
     a = ap.parse_args(argv)
+    if a.mindspore:
+        return run_mindspore(a, ap, argv)
+    return run_peer_suite(a, argv)
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for pkg in ("torch", "mindspore", "mindformers", "mpi4py", "moto"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def run_peer_suite(a, argv) -> int:
+    from bench import report
+    from bench.peers import run_peers
+
+    a.reps = a.reps or (3 if a.quick else 5)
+    a.save_size = parse_size(a.save_size or ("128MiB" if a.quick else "512MiB"))
+    a.cell_size = parse_size(a.cell_size or ("64MiB" if a.quick else "256MiB"))
+    a.s3_size = parse_size(a.s3_size or ("32MiB" if a.quick else "128MiB"))
+    work = a.workdir or tempfile.mkdtemp(prefix="distckpt-bench-")
+    os.makedirs(work, exist_ok=True)
+    work = os.path.abspath(work)
+    logs = os.path.join(work, "logs")
+    os.makedirs(logs, exist_ok=True)
+    t_start = time.time()
+    res: dict = {
+        "schema": "distckpt.bench.peers/1",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "command": "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "config": {"reps": a.reps, "save_size": a.save_size, "cell_size": a.cell_size, "s3_size": a.s3_size,
+                   "save_ranks": a.save_ranks, "load_ranks": a.load_ranks},
+        "machine": machine(work),
+        "versions": _versions(),
+    }
+    say(f"load average {os.getloadavg()[0]:.2f}; scratch {work}")
+    res["peers"] = run_peers(a, work, logs)
+    res["loadavg_end"] = os.getloadavg()
+    res["total_seconds"] = time.time() - t_start
+    res["ratios"] = report.ratios(res["peers"])
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "latest.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    md = report.render(res)
+    with open(os.path.join(a.out, "latest.md"), "w") as f:
+        f.write(md)
+    why = report.plot(res, os.path.join(a.out, "latest.png"))
+    if why:
+        say(f"no chart: {why}")
+    if os.path.abspath(a.out) == os.path.abspath(RESULTS):  # the README shows the committed results
+        report.update_readme(os.path.join(ROOT, "bench", "README.md"), res)
+    print(md)
+    if not a.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def run_mindspore(a, ap, argv) -> int:
+    """The older suite: save / merge / reshard / load ratios against MindSpore's tools and the raw disk."""
     size = parse_size(a.size or ("64MiB" if a.quick else "1GiB"))
     if a.ranks % a.tp:
         ap.error(f"--ranks {a.ranks} is not a multiple of --tp {a.tp}")
@@ -333,10 +407,10 @@ def main(argv=None) -> int:
     res["total_seconds"] = time.time() - t_start
     res["checks"] = checks(res)
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "latest.json"), "w") as f:
+    with open(os.path.join(a.out, "mindspore.json"), "w") as f:
         json.dump(res, f, indent=1)
     md = render(res)
-    with open(os.path.join(a.out, "latest.md"), "w") as f:
+    with open(os.path.join(a.out, "mindspore.md"), "w") as f:
         f.write(md)
     print(md)
     if not a.workdir:

@@ -15,12 +15,14 @@ from .errors import (
     DownloadError,
     FormatError,
     LayoutError,
+    MissingDependencyError,
     NotCommittedError,
     StorageError,
     StrategyError,
 )
+from .execute import ReadStats
 from .layout import Box, ParamSpec, Strategy, TensorLayout
-from .strategy import load_strategy
+from .strategy import load_strategy, save_strategy
 
 __version__ = "0.1.0"
 
@@ -36,6 +38,8 @@ __all__ = [
     "gc",
     "CheckpointManager",
     "load_strategy",
+    "save_strategy",
+    "ReadStats",
     "Box",
     "TensorLayout",
     "ParamSpec",
@@ -51,6 +55,7 @@ __all__ = [
     "DistributedError",
     "ConfigError",
     "DownloadError",
+    "MissingDependencyError",
 ]
 
 

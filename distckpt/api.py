@@ -142,7 +142,7 @@ def load(
     """
     c = get_comm(comm) if (rank is None or cooperative) else None
     coop = bool(cooperative) if cooperative is not None else (strategy is not None and rank is None and c is not None
-                                                                and c.size > 1)
+                                                                and c.size > 1 and c.can_exchange)
     if coop:
         assert c is not None
         return _load_together(c, path, strategy=strategy, src_strategy=src_strategy, names=names,
@@ -606,15 +606,19 @@ def verify(src, *, src_strategy=None, storage_options: dict | None = None, quiet
         note(exc, None, None, None)
         tensors = []  # its chunks cannot be trusted to say where any bytes are
     for t in progress(tensors, desc="verify", quiet=quiet):
+        tiled = True
         try:
             check_tiling(t.shape, [c.box for c in t.chunks], name=t.name)
         except DistCkptError as exc:
+            tiled = False
             note(exc, None, t.name, None)
+        if tiled:
+            source.index.prefetch((t.name, c.box) for c in t.chunks)  # index v2: one lookup pass per tensor
         for i, c in enumerate(t.chunks):
             if c.file in bad_files:
                 continue
-            try:
-                read_box(source.storage, TensorInfo(t.name, t.dtype, t.shape, (c,)), c.box, verify=True)
+            try:  # through the whole tensor when it tiles, so that messages number chunks as the report does
+                read_box(source.storage, t if tiled else TensorInfo(t.name, t.dtype, t.shape, (c,)), c.box, verify=True)
                 checked += c.nbytes
             except DistCkptError as exc:
                 note(exc, source.storage.child_url(c.file), t.name, i)

@@ -67,11 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
         epilog=textwrap.dedent(
             """\
-            examples:
-              distckpt inspect out/ckpt
-              distckpt merge out/native merged.ckpt --src-strategy strategy.ckpt
-              distckpt reshard out/ckpt out/ckpt_tp2 --dst-strategy tp2.ckpt --format ckpt
-              distckpt verify s3://bucket/run1/step_100 --storage-options '{"anon": false}'
+            examples (after `bash launch/quickstart.sh`, from the checkout):
+              distckpt reshard output/quickstart/ckpt output/tp2_native --dst-strategy output/quickstart/strategy_tp2.ckpt --format ckpt
+              distckpt merge output/quickstart/ckpt s3://my-bucket/run1/step_5 --format distckpt --storage-options '{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}'
+              distckpt verify s3://my-bucket/run1/step_5 --storage-options '{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}'
             """
         ),
     )
@@ -83,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         "inspect",
         help="list tensors, dtypes, shapes, chunks and layouts",
         formatter_class=fmt,
-        epilog="examples:\n  distckpt inspect out/ckpt\n  distckpt inspect out/ckpt --json\n"
-        "  distckpt inspect out/ckpt --plot model.layers.0.attention.wq.weight --out grid.png",
+        epilog="examples:\n  distckpt inspect output/quickstart/ckpt\n  distckpt inspect output/quickstart/ckpt --json\n"
+        "  distckpt inspect output/quickstart/ckpt --plot w1 --out output/w1.png",
     )
     s.add_argument("src", metavar="SRC", help=SRC_HELP)
     s.add_argument("--json", action="store_true", help="machine-readable output (schema in README)")
@@ -96,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         "verify",
         help="check coverage, checksums and readability; exit 1 on any defect",
         formatter_class=fmt,
-        epilog="examples:\n  distckpt verify out/ckpt\n  distckpt verify out/native --src-strategy strategy.ckpt",
+        epilog="examples:\n  distckpt verify output/quickstart/ckpt\n  distckpt verify output/quickstart/ckpt_tp2 --json\n"
+        "  distckpt verify output/tp2_native --src-strategy output/quickstart/strategy_tp2.ckpt",
     )
     s.add_argument("src", metavar="SRC", help=SRC_HELP)
     s.add_argument("--json", action="store_true", help="print the report as JSON (every problem found)")
@@ -106,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
         "merge",
         help="merge into one .ckpt/.safetensors file or a MindFormers-ready directory",
         formatter_class=fmt,
-        epilog="examples:\n  distckpt merge out/ckpt model.ckpt\n  distckpt merge out/native merged/ --max-shard-size 5GB\n"
-        "  distckpt merge out/ckpt model.safetensors",
+        epilog="examples:\n  distckpt merge output/quickstart/ckpt output/model.safetensors\n"
+        "  distckpt merge output/quickstart/ckpt output/merged/ --max-shard-size 64KB\n"
+        "  distckpt merge output/tp2_native output/from_native.ckpt --src-strategy output/quickstart/strategy_tp2.ckpt",
     )
     s.add_argument("src", metavar="SRC", help=SRC_HELP)
     s.add_argument("dst", metavar="DST", help="a .ckpt or .safetensors file, or a directory")
@@ -121,13 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--strict", action="store_true", help="fail if the strategy names parameters no file holds")
     _common(s)
 
-    for verb, helptext in (("split", "cut one checkpoint into per-rank shards"), ("reshard", "move a checkpoint to another layout")):
+    relayout = {
+        "split": ("cut one checkpoint into per-rank shards", "output/quickstart/merged.ckpt", "output/split_tp4",
+                  "output/quickstart/strategy_tp4.ckpt"),
+        "reshard": ("move a checkpoint to another layout", "output/quickstart/ckpt", "output/tp2",
+                    "output/quickstart/strategy_tp2.ckpt"),
+    }
+    for verb, (helptext, ex_src, ex_dst, ex_strategy) in relayout.items():
         s = sub.add_parser(
             verb,
             help=helptext,
             formatter_class=fmt,
-            epilog=f"examples:\n  distckpt {verb} SRC DST --dst-strategy strategy.ckpt\n"
-            f"  distckpt {verb} SRC DST --dst-strategy strategy.ckpt --format ckpt --prefix checkpoint_",
+            epilog=f"examples:\n  distckpt {verb} {ex_src} {ex_dst} --dst-strategy {ex_strategy}\n"
+            f"  distckpt {verb} {ex_src} {ex_dst}_ckpt --dst-strategy {ex_strategy} --format ckpt --prefix step5_",
         )
         s.add_argument("src", metavar="SRC", help=SRC_HELP)
         s.add_argument("dst", metavar="DST", help="output directory")
@@ -144,18 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
         _common(s)
 
     s = sub.add_parser("finalize", help="commit a rank-mode save once every rank has written", formatter_class=fmt,
-                       epilog="example:\n  distckpt finalize out/ckpt")
+                       epilog="example (once every rank ran distckpt.save(state, 'output/rank_mode', strategy=..., rank=r)):\n"
+                       "  distckpt finalize output/rank_mode")
     s.add_argument("path", metavar="PATH")
     _common(s, src=False)
 
     s = sub.add_parser("gc", help="remove debris of failed saves (only what distckpt can prove it wrote)",
-                       formatter_class=fmt, epilog="example:\n  distckpt gc out/ckpt --dry-run")
+                       formatter_class=fmt, epilog="example:\n  distckpt gc output/quickstart/ckpt --dry-run")
     s.add_argument("path", metavar="PATH")
     s.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     _common(s, src=False)
 
     s = sub.add_parser("list", help="committed steps of a CheckpointManager root", formatter_class=fmt,
-                       epilog="example:\n  distckpt list out/run1 --json")
+                       epilog="example (the root given to distckpt.CheckpointManager):\n  distckpt list output/run --json")
     s.add_argument("root", metavar="ROOT")
     s.add_argument("--json", action="store_true")
     _common(s, src=False)
@@ -338,6 +346,8 @@ def describe_error(exc: BaseException) -> str:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             what = "no space left on the destination device (or quota exceeded)"
         where = exc.filename if exc.filename is not None else ""
+        if exc.errno == errno.EEXIST and where and os.path.isfile(where):
+            what = "is a file, where a directory was needed"  # making DST's parent directories
         msg = f"{where}: {what}" if where else str(what or exc)
     else:
         msg = str(exc) or type(exc).__name__

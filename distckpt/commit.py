@@ -47,6 +47,7 @@ refuses it.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import socket
@@ -60,6 +61,7 @@ import numpy as np
 
 from . import dtypes, jsonutil, naming
 from .chunktable import ChunkTable, Segments, TableMerger, TensorSpecs
+from .codecs.strategy import strategy_from_json
 from .errors import (
     ConfigError,
     DistCkptError,
@@ -70,6 +72,7 @@ from .errors import (
     StrategyError,
 )
 from .index import MAX_INDEX_BYTES, VERSION, VERSIONS, Blob, Chunk, Index, decode_value, encode_value
+from .layout import MAX_DEVICES, MAX_NDIM
 from .storage import Store, open_storage, safe_name
 
 __all__ = [
@@ -371,6 +374,7 @@ class IndexBuilder:
         """The merged table, checked (every tensor tiled exactly), as an :class:`Index` (``values``
         encoded as by :func:`values_json`)."""
         decoded = {k: decode_value(k, v) for k, v in values.items()}
+        _check_metadata(metadata, self.where)
         try:
             table = self.merger.finish(file_sizes=self.file_sizes, file_rank=np.asarray(self.file_ranks, np.int64),
                                        file_names=self.file_names)
@@ -452,6 +456,7 @@ def build_index(
     """The index of a save from every writing rank's JSON report (:func:`report`); refuses chunks
     that do not tile a tensor.  (The mpirun save and :func:`finalize` use :class:`IndexBuilder`
     on packed reports.)"""
+    _check_metadata(metadata, where)
     parts = []
     for k, rep in enumerate(reports):
         rank = rep.get("rank", k)
@@ -538,6 +543,7 @@ def write_manifest(store: Store, head: dict, packed: bytes) -> None:
 
 
 def _read_manifest(store: Store, name: str) -> dict:
+    """One rank's manifest, checked field by field; every error names the manifest."""
     where = store.child_url(name)
     doc = jsonutil.loads(store.read_bytes(name, limit=MAX_INDEX_BYTES), where=f"{where}: manifest")
     if not isinstance(doc, dict):
@@ -549,6 +555,8 @@ def _read_manifest(store: Store, name: str) -> dict:
     for key, typ in need.items():
         if not isinstance(doc.get(key), typ) or isinstance(doc.get(key), bool):
             raise FormatError(f"{where}: manifest field {key!r} is missing or not a {typ.__name__}")
+    if not 1 <= doc["world_size"] <= MAX_DEVICES:
+        raise FormatError(f"{where}: world_size {doc['world_size']} is not between 1 and {MAX_DEVICES}")
     if doc["rank"] != naming.rank_of_manifest(name):
         raise FormatError(f"{where}: manifest says rank {doc['rank']} but is named for rank {naming.rank_of_manifest(name)}")
     if not naming.SAVE_ID.match(doc["save_id"]):
@@ -560,6 +568,14 @@ def _read_manifest(store: Store, name: str) -> dict:
                 or not isinstance(size, int) or isinstance(size, bool) or size < 0):
             raise FormatError(f"{where}: file entry {fname!r}: {size!r} is not one of this save's data files with a size")
     if legacy:
+        for tname, entry in doc["tensors"].items():
+            _check_tensor_entry(where, tname, entry)
+        for tname, cs in doc["chunks"].items():
+            if tname not in doc["tensors"] or not isinstance(cs, list):
+                raise FormatError(f"{where}: chunks of {tname!r} must be a list, for a tensor the manifest lists")
+            for i, c in enumerate(cs):
+                if not isinstance(c, dict) or c.get("file") not in doc["files"]:
+                    raise FormatError(f"{where}: tensor {tname!r} chunk {i}: not an object naming one of this manifest's files")
         doc["strategy_sha256"] = strategy_digest(doc.get("strategy"))
     else:
         rep = doc["report"]
@@ -571,7 +587,41 @@ def _read_manifest(store: Store, name: str) -> dict:
                 raise FormatError(f"{where}: manifest field report.{key} must be a non-negative integer")
         if not isinstance(doc.get("strategy_sha256"), str):
             raise FormatError(f"{where}: manifest field 'strategy_sha256' is missing")
+        _tensor_list(doc["tensors"], where)
+    values = doc.get("values", {})
+    if not isinstance(values, dict):
+        raise FormatError(f"{where}: manifest field 'values' must be an object")
+    for k, v in values.items():
+        try:
+            decode_value(k, v)
+        except DistCkptError as exc:
+            raise FormatError(f"{where}: {exc}") from None
+    if doc.get("strategy") is not None:
+        strategy_from_json(doc["strategy"], name=f"{where}: strategy")
+    _check_metadata(doc["metadata"], where)
     return doc
+
+
+def _check_tensor_entry(where: str, name: str, entry: Any) -> None:
+    """A legacy report's ``tensors`` entry: ``[dtype, global shape]``."""
+    ok = (
+        isinstance(entry, list) and len(entry) == 2 and entry[0] in dtypes.DTYPES and isinstance(entry[1], list)
+        and len(entry[1]) <= MAX_NDIM
+        and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 1 << 62 for d in entry[1])
+    )
+    if not ok:
+        raise FormatError(f"{where}: tensor {name!r} must be [dtype, shape] with a known dtype, got {str(entry)[:80]}")
+
+
+def _check_metadata(metadata: Mapping[str, Any], where: str) -> None:
+    """``metadata.name`` becomes output file names (``merge``): it must be a plain file name."""
+    name = metadata.get("name")
+    if name is None:
+        return
+    try:
+        safe_name(name if isinstance(name, str) else "", what="model name")
+    except DistCkptError:
+        raise FormatError(f"{where}: metadata.name {name!r} is not a plain file name") from None
 
 
 def _declared(doc: dict) -> Any:
@@ -604,17 +654,26 @@ def _manifest_report(store: Store, doc: dict, name: str) -> tuple[list, list, me
 def finalize(path, *, storage_options: dict | None = None) -> dict:
     """Commit a rank-mode save once every rank's manifest is present (streaming the manifests)."""
     store = open_storage(path, storage_options)
+    if not store.exists():
+        raise NotFoundError(f"{store.url}: no such directory")
     listing = store.listdir()
     names = sorted(n for n in listing if naming.is_manifest(n))
     if not names:
         raise NotCommittedError(f"{store.url}: no rank manifests to finalize (did every rank call save(rank=...)?)")
     heads = [_read_manifest(store, n) for n in names]
     world = heads[0]["world_size"]
-    ranks = sorted(r["rank"] for r in heads)
-    if ranks != list(range(world)):
-        missing = sorted(set(range(world)) - set(ranks))
-        extra = sorted(set(ranks) - set(range(world)))
-        what = f"rank(s) {missing[:8]} are missing" if missing else f"rank(s) {extra[:8]} are outside the world"
+    for n, r in zip(names, heads):
+        if r["world_size"] != world:
+            raise FormatError(
+                f"{store.child_url(names[0])} says the job has {world} ranks but {store.child_url(n)} says "
+                f"{r['world_size']}: these manifests are not from one save; re-run the save"
+            )
+    ranks = sorted(r["rank"] for r in heads)  # distinct: one manifest name per rank
+    if len(ranks) != world or ranks[-1] != world - 1:
+        extra = [r for r in ranks if r >= world][:8]
+        have = set(ranks)
+        missing = list(itertools.islice((r for r in range(world) if r not in have), 8))
+        what = f"rank(s) {missing} are missing" if missing else f"rank(s) {extra} are outside the world"
         raise NotCommittedError(
             f"{store.url}: manifests of {what}; every one of the {world} ranks must save before finalize"
         )

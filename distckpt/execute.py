@@ -544,6 +544,7 @@ def _read_mapped(storage, tensor, target, hits, dtype, out, verify, st) -> np.nd
         raise
     for ci, chunk, lo, fut in checks:
         _compare_blocks(tensor, ci, chunk, lo, fut.result())
+    _release(storage, [c for _, c, _ in views])  # the result never aliases the shared mapping
     return result
 
 
@@ -556,6 +557,22 @@ def _want_crcs(chunk: Chunk, first: int, n: int) -> Sequence[int]:
     if span is not None:
         return span(first, first + n).tolist()
     return crcs[first : first + n]
+
+
+def _release(storage: Storage, chunks: Sequence[Chunk]) -> None:
+    """Drop the mapped pages a copy touched from this process (the page cache keeps them): a rank that reads
+    many boxes holds only its results, not every page it copied from."""
+    for chunk in chunks:
+        start, length = chunk.segments[0]
+        with _MAPS_LOCK:
+            mm = _MAPS.get(storage, {}).get(chunk.file)
+        if mm is None or not length:
+            continue
+        lo = start - start % mmap.PAGESIZE
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, lo, min(len(mm), start + length) - lo)
+        except (AttributeError, OSError, ValueError):  # no madvise here: the pages go when the map does
+            pass
 
 
 def _compare_blocks(tensor: TensorInfo, ci: int, chunk: Chunk, lo: int, got: list[int]) -> None:

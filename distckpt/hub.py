@@ -308,8 +308,8 @@ def _hub_id(hub: str) -> str:
 
 def _read_manifest(cache: Store) -> Optional[dict[str, int]]:
     try:
-        data = json.loads(cache.read_bytes(MANIFEST_NAME, limit=SMALL_FILE_LIMIT))
-    except (OSError, ValueError):
+        data = _loads(cache.read_bytes(MANIFEST_NAME, limit=SMALL_FILE_LIMIT), MANIFEST_NAME)
+    except (OSError, ValueError):  # DownloadError is an OSError: a bad cache manifest means "not cached"
         return None
     files = data.get("files") if isinstance(data, dict) else None
     if not isinstance(files, dict) or not files:
@@ -350,10 +350,12 @@ def _stderr_is_tty() -> bool:
 
 
 def _loads(raw: bytes, url: str) -> Any:
+    from . import jsonutil  # strict: duplicate keys and NaN refused
+
     try:
-        return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise DownloadError(f"{url} is not valid JSON ({exc}); fix or re-publish it on the hub") from None
+        return jsonutil.loads(raw, where=url, error=DownloadError)
+    except DownloadError as exc:
+        raise DownloadError(f"{exc}; fix or re-publish it on the hub") from None
 
 
 @contextlib.contextmanager

@@ -21,7 +21,8 @@ Who does what during ``save(step, ...)``:
    training is blocked; over ``staging_limit`` the save is synchronous instead);
 3. (all ranks, a background thread if async) run the save protocol; the data file is
    written by a separate writer process (:mod:`distckpt.asyncsave`), so the writes and
-   checksums never hold the training process's GIL;
+   checksums never hold the training process's GIL; a rank that cannot prepare or stage its
+   state keeps the error, and the save's protocol raises it on every rank (never a rank alone);
 4. (rank 0) once committed, apply retention: delete old steps, never the
    newest committed one, never the best one, never one this process reads.
 """

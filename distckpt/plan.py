@@ -32,7 +32,7 @@ import numpy as np
 
 from . import dtypes
 from .errors import DistCkptError, LayoutError, StrategyError
-from .layout import Box, Strategy, box_of
+from .layout import Box, Strategy, box_of, full_box
 
 __all__ = [
     "WriteItem",
@@ -149,11 +149,32 @@ def plan_save(
     strategy: Strategy | None,
     world_size: int,
 ) -> list[WriteItem]:
-    """Every rank's :func:`plan_writes` at once (offline writers and tests): each distinct box once."""
+    """Every rank's :func:`plan_writes` at once (offline writers and tests): each distinct box once.
+
+    The same decisions, made vectorised: the class assignment gives each tensor a replica index,
+    and in every replica group (its ranks sorted, which is replica-index order) that member writes.
+    """
+    classes: dict[tuple, list[tuple[str, int, int]]] = {}
+    for name in sorted(tensors):
+        dtype, shape = tensors[name]
+        if strategy is not None and name in strategy:
+            spec = strategy.params[name]
+            g = spec.layout.replica_index(spec.stages[0] * strategy.stage_device_num)[0] * len(spec.stages)
+            box_bytes = math.prod(n // k for n, k in zip(shape, spec.layout.full_splits())) * dtypes.itemsize(dtype)
+        else:
+            g, box_bytes = world_size, math.prod(shape) * dtypes.itemsize(dtype)
+        classes.setdefault(_class_key(strategy, name, world_size), []).append((name, box_bytes, g))
+    picks: dict[str, int] = {}
+    for key, items in classes.items():
+        picks.update(_assign(items, key))
     out: list[WriteItem] = []
-    for r in range(world_size):
-        held = {n: v for n, v in tensors.items() if strategy is None or n not in strategy or strategy.holds(n, r)}
-        out.extend(plan_writes(held, strategy, world_size, r))
+    for name in sorted(tensors):
+        dtype, shape = tensors[name]
+        if strategy is not None and name in strategy:
+            for box, ranks in strategy.replica_groups(name, shape):
+                out.append(WriteItem(name, dtype, tuple(shape), box, int(ranks[picks[name]])))
+        else:
+            out.append(WriteItem(name, dtype, tuple(shape), full_box(shape), picks[name]))
     return out
 
 

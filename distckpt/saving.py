@@ -83,7 +83,8 @@ class SaveJob:
         self.rank_mode = rank is not None and comm is None
         self.comm: Communicator = SingleComm() if self.rank_mode else get_comm(comm)
         self.me: int = rank if rank is not None and self.rank_mode else self.comm.rank
-        self.store = open_storage(path, storage_options)
+        self.url = str(path)
+        self.store: Any = None
         self.block_size = block_size
         self.checksums = checksums
         self.metadata = dict(metadata or {})
@@ -95,7 +96,9 @@ class SaveJob:
         self.items: list[WriteItem] = []
         self.pieces: list[np.ndarray] = []
         self.arrays: dict[str, np.ndarray] = {}
-        try:
+        try:  # everything local, so that a failure on one rank reaches the others (never a hang)
+            self.store = open_storage(path, storage_options)
+            self.url = self.store.url
             self._prepare(state, strategy, storage_options)
         except Exception as exc:  # noqa: BLE001 - every failure must reach the other ranks
             self.error = exc
@@ -231,8 +234,8 @@ class SaveJob:
             where = store.child_url(naming.INDEX_NAME)
             parts = [_commit.unpack_report(b, where=f"{where} (report of rank {r})") for r, b in enumerate(reports)]
             failures = {r: h.get("e") for r, (h, _t, _c) in enumerate(parts) if not h.get("ok")}
-            if failures:
-                return {"failures": failures}
+            if failures:  # the coordinator words the error, so that every rank raises the same one
+                return {"failures": failures, "where": self.url}
             builder = _commit.IndexBuilder(
                 ((r, h.get("tensors"), f"{where} (report of rank {r})") for r, (h, _t, _c) in enumerate(parts)), where=where)
             for r, (h, tb, cb) in enumerate(parts):
@@ -253,7 +256,7 @@ class SaveJob:
             if c.size == 1 and self.error is not None:
                 raise self.error
             raise DistributedError(
-                f"save to {store.url} failed on rank(s) {format_ranks(failures)}: "
+                f"save to {verdict.get('where', self.url)} failed on rank(s) {format_ranks(failures)}: "
                 + "; ".join(f"rank {r}: {m}" for r, m in sorted(failures.items())),
                 failures,
             ) from self.error
@@ -278,11 +281,12 @@ class SaveJob:
         If a rank cannot take part (it died), the marker stays, so ``gc`` can still prove the rest is ours.
         """
         c = self.comm
-        self.store.remove([fname])
+        if self.store is not None:  # None: this rank failed before it opened the storage, so it wrote nothing
+            self.store.remove([fname])
         try:
             if c.size > 1:
-                c.barrier("save.discard")
-            if c.rank == 0:
+                c.barrier("save.discard")  # every rank takes part, whatever it wrote
+            if c.rank == 0 and self.store is not None:
                 self.store.remove([naming.save_marker(save_id)])
         except DistCkptError:
             pass

@@ -10,8 +10,9 @@ Phases (``launch/quickstart.sh`` runs them in order):
 ``merge``   one process: ``distckpt.merge`` into one MindSpore .ckpt, checked with
             ``mindspore.load_checkpoint`` against the full weights gathered during training;
             ``distckpt.reshard`` to a 2-rank layout.
-``resume``  mpirun -n 2: every rank loads only its slice of the resharded checkpoint and trains
-            on; the first loss equals the loss the 4-rank job computed for the same batch.
+``resume``  mpirun -n 2: every rank loads only its slice of the resharded checkpoint, checks it
+            is bit for bit the 4-rank job's weights, and trains on (the next loss agrees with
+            the 4-rank job's up to float32 rounding: the partial sums add in another order).
 """
 
 from __future__ import annotations
@@ -108,6 +109,12 @@ class TPTrainer:
         return {k: Parameter(Tensor(v), name=k) for k, v in self.weights.items()}
 
 
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal dtype, shape and bytes (so -0.0 != 0.0 and NaN == NaN): what "bit for bit" means here."""
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
 def _local_slices(full: dict[str, np.ndarray], strat: Strategy, rank: int) -> dict[str, np.ndarray]:
     out = {}
     for name, arr in full.items():
@@ -125,7 +132,8 @@ def _mpi():
 def phase_train(args) -> None:
     import mindspore as ms
 
-    ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
+    ms.set_device("CPU")  # MindSpore's current API (set_context(device_target=...) is deprecated)
+    ms.set_context(mode=ms.PYNATIVE_MODE)
     comm = _mpi()
     rank, size = comm.Get_rank(), comm.Get_size()
     strat = strategy_for(size)
@@ -173,7 +181,7 @@ def phase_merge(args) -> None:
     expected = np.load(os.path.join(out, "expected_full.npz"))
     for name in expected.files:
         got = loaded[name].asnumpy()
-        if got.dtype != expected[name].dtype or not np.array_equal(got, expected[name]):
+        if not _same_bits(got, expected[name]):
             sys.exit(f"[merge] FAILED: {name} in merged.ckpt differs from the trained weights")
     strat2 = strategy_for(2)
     save_strategy(strat2, os.path.join(out, "strategy_tp2.ckpt"))
@@ -185,22 +193,23 @@ def phase_merge(args) -> None:
     with open(os.path.join(out, "merge.json"), "w") as f:
         json.dump({"merge_seconds": merge_s, "reshard_seconds": reshard_s, "bytes": rep["bytes"],
                    "verified_bytes": report["bytes_checked"]}, f)
-    print(f"[merge] merged.ckpt loads with mindspore.load_checkpoint and equals the trained weights "
-          f"({rep['bytes']} bytes, {merge_s:.2f}s); resharded to 2 ranks in {reshard_s:.2f}s, verified")
+    print(f"[merge] merged.ckpt: mindspore.load_checkpoint reads it and every tensor is bit for bit the trained "
+          f"weights ({rep['bytes']} bytes, {merge_s:.2f}s); resharded to 2 ranks in {reshard_s:.2f}s, checksums verified")
 
 
 def phase_resume(args) -> None:
     import mindspore as ms
 
-    ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
+    ms.set_device("CPU")  # MindSpore's current API (set_context(device_target=...) is deprecated)
+    ms.set_context(mode=ms.PYNATIVE_MODE)
     comm = _mpi()
     rank, size = comm.Get_rank(), comm.Get_size()
     strat_path = os.path.join(args.out, f"strategy_tp{size}.ckpt")
-    stats = distckpt.execute.ReadStats()
+    stats = distckpt.ReadStats()
     state = distckpt.load(os.path.join(args.out, "ckpt_tp2"), strategy=strat_path, stats=stats)
     step = int(state.pop("step"))
     expected = dict(np.load(os.path.join(args.out, "expected_full.npz")))
-    exact = all(np.array_equal(state[k], v) for k, v in _local_slices(expected, strategy_for(size), rank).items())
+    exact = all(_same_bits(state[k], v) for k, v in _local_slices(expected, strategy_for(size), rank).items())
     exact = all(comm.allgather(exact))
     trainer = TPTrainer(state, comm)
     losses = [trainer.step(*batch(s)) for s in range(step, step + args.steps)]
@@ -210,20 +219,25 @@ def phase_resume(args) -> None:
             before = json.load(f)
         with open(os.path.join(args.out, "merge.json")) as f:
             merged = json.load(f)
-        same = abs(losses[0] - before["next_loss"]) <= 1e-5 * max(1.0, abs(before["next_loss"]))
-        print(f"[resume] {size} ranks from step {step}: first loss {losses[0]:.6f} vs "
-              f"{before['next_loss']:.6f} from the {before['ranks']}-rank job -> {'same weights' if same else 'MISMATCH'}")
+        names = ", ".join(sorted(state))
+        print(f"[resume] {size} ranks from step {step}: every rank's slices of {names} are bit for bit the weights "
+              f"the {before['ranks']}-rank job trained -> {'same weights' if exact else 'DIFFERENT WEIGHTS'}")
+        # the loss is a float32 sum of partial products, added in another order on 2 ranks than on 4:
+        # it agrees to rounding, which is why the check above compares the weights, not the loss
+        close = abs(losses[0] - before["next_loss"]) <= 1e-4 * max(1.0, abs(before["next_loss"]))
+        print(f"[resume] next loss {losses[0]:.6f} on {size} ranks, {before['next_loss']:.6f} on {before['ranks']} "
+              f"ranks (equal up to float32 rounding{'' if close else ': NO, MISMATCH'})")
         print("\nsummary")
         print(f"  model          4 tensors, {merged['bytes']} bytes (fp32), TP{before['ranks']} -> TP{size}")
         print(f"  save           {before['save_seconds']:.2f}s from {before['ranks']} ranks at once")
-        print(f"  merge          {merged['merge_seconds']:.2f}s -> merged.ckpt, equal to the trained weights "
-              "under mindspore.load_checkpoint")
+        print(f"  merge          {merged['merge_seconds']:.2f}s -> merged.ckpt, read by mindspore.load_checkpoint: "
+              "bit for bit the trained weights")
         print(f"  reshard        {merged['reshard_seconds']:.2f}s -> 2-rank layout, all checksums verified")
         print(f"  resume         each rank read only its slice (bytes read / needed: {', '.join(f'{r:.2f}' for r in ratios)}); "
-              f"weights {'bit-exact' if exact else 'DIFFERENT'} vs the 4-rank job")
+              f"weights {'bit for bit' if exact else 'NOT'} the 4-rank job's")
         print(f"  loss           {before['losses'][0]:.4f} -> {before['losses'][-1]:.4f} (4 ranks) -> "
               f"{losses[-1]:.4f} (2 ranks)")
-        if not (same and exact):
+        if not (close and exact):
             sys.exit(1)
 
 

@@ -13,9 +13,12 @@ Layouts written:
   replicas once), plus ``{save_name}.yaml`` and ``config.json`` written by rank 0.
   ``distckpt.merge(dir, out)`` turns it into the single-process layouts above.
 
-Who does what in a distributed save: (rank 0) removes older weight files of the
-single-process layouts and writes the configs; (all ranks) ``distckpt.save``,
-whose commit (the index, written last) marks the save complete.
+Who does what in a distributed save: (all ranks) check the arguments, read the
+strategy, convert the Cell -- a failure on any rank is raised on every rank by the
+first collective (``save_pretrained.prepare``), never left to hang the others;
+(rank 0) writes the configs; (all ranks) ``distckpt.save``, whose commit (the
+index, written last) marks the save complete; (rank 0) removes older weight files
+of the single-process layouts.
 """
 
 from __future__ import annotations
@@ -101,43 +104,61 @@ def save_pretrained(
     from ..jobconfig import size_option
     from ..strategy import load_strategy
 
-    if not isinstance(save_name, str) or not save_name or "/" in save_name:
-        raise UsageError(f"save_name must be a plain file stem, got {save_name!r}")
-    directory = os.fspath(save_directory) if save_directory is not None else default_checkpoint_save_folder()
     c = get_comm(comm)
-    strat = load_strategy(strategy, storage_options=storage_options) if strategy is not None else None
-    distributed = c.size > 1 or (strat is not None and strat.world_size > 1)
-    storage = open_storage(directory, storage_options)
+    local: dict[str, Any] = {}
+
+    def prepare_local() -> None:
+        """Everything this rank does alone before the ranks meet (checks, strategy, storage, state)."""
+        if not isinstance(save_name, str) or not save_name or "/" in save_name:
+            raise UsageError(f"save_name must be a plain file stem, got {save_name!r}")
+        local["strat"] = load_strategy(strategy, storage_options=storage_options) if strategy is not None else None
+        local["storage"] = open_storage(directory, storage_options)
+
+    directory = os.fspath(save_directory) if save_directory is not None else default_checkpoint_save_folder()
     metadata = {"name": save_name, "saved_by": "distckpt.mindspore.save_pretrained", "arch": type(model).__name__}
 
-    if distributed:
+    if c.size > 1:  # every rank at once: a failure on any rank, before or during the save, reaches every rank
+        error: Exception | None = None
+        try:
+            prepare_local()
+            local["configs"] = config_files_for(model, save_name, yaml=True, json_=True)
+            local["state"] = cell_state(model)
+        except Exception as exc:  # noqa: BLE001 - raised below on every rank, never a hang
+            error = exc
+
+        def prepare() -> None:
+            if error is not None:
+                raise error
+            if c.rank == 0:
+                local["storage"].makedirs()
+                for n, data in local["configs"].items():
+                    local["storage"].put_atomic(n, data)
+
+        c.run("save_pretrained.prepare", prepare)
+        save(local["state"], directory, strategy=local["strat"], comm=c, storage_options=storage_options,
+             metadata=metadata)
+        c.run_on_root("save_pretrained.cleanup",
+                      lambda: local["storage"].remove(_stale_weights(local["storage"].listdir(), save_name, set())))
+        return directory
+
+    prepare_local()
+    strat, storage = local["strat"], local["storage"]
+    if strat is not None and strat.world_size > 1:  # one rank of a distributed job, alone: rank mode + finalize
         configs = config_files_for(model, save_name, yaml=True, json_=True)
         state = cell_state(model)
-
-        def prepare():
-            storage.makedirs()
-            for n, data in configs.items():
-                storage.put_atomic(n, data)
-
-        def cleanup():
-            storage.remove(_stale_weights(storage.listdir(), save_name, set()))
-
-        if c.size > 1:
-            c.run_on_root("save_pretrained.prepare", prepare)
-            save(state, directory, strategy=strat, comm=c, storage_options=storage_options, metadata=metadata)
-            c.run_on_root("save_pretrained.cleanup", cleanup)
-            return directory
         rank = _env_rank()
         if rank is None:
             raise DistributedError(
-                f"save_pretrained: the strategy describes {strat.world_size} ranks (a distributed save) but this "  # type: ignore[union-attr]
+                f"save_pretrained: the strategy describes {strat.world_size} ranks (a distributed save) but this "
                 "process runs alone and $RANK_ID is not set: launch with mpirun, pass comm=, or set RANK_ID"
             )
         if rank == 0:
-            prepare()
+            storage.makedirs()
+            for n, data in configs.items():
+                storage.put_atomic(n, data)
         save(state, directory, strategy=strat, rank=rank, storage_options=storage_options, metadata=metadata)
         if rank == 0:
-            cleanup()
+            storage.remove(_stale_weights(storage.listdir(), save_name, set()))
         return directory
 
     state = cell_state(model)

@@ -76,6 +76,8 @@ class Source:
     world_size: int = 1
     path: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+    _file_sizes: dict[str, int] = field(default_factory=dict, repr=False)
+    _sized: set[str] = field(default_factory=set, repr=False)
 
     @property
     def tensors(self) -> dict[str, TensorInfo]:
@@ -100,7 +102,38 @@ class Source:
         """
         from ..execute import read_box
 
-        return read_box(self.storage, self.tensors[name], box, verify=verify, stats=stats, out=out)
+        tensor = self.tensors[name]
+        if self.kind == SourceKind.DISTCKPT and name not in self._sized:
+            self._check_file_sizes(tensor)
+        return read_box(self.storage, tensor, box, verify=verify, stats=stats, out=out)
+
+    def _check_file_sizes(self, tensor: TensorInfo) -> None:
+        """Refuse chunks that claim bytes past the real end of their file before anything is allocated.
+
+        An index states its files' sizes; a hostile or stale one can claim a 1 TiB
+        tensor in a 112-byte file.  One size query per file, once per source.
+        """
+        from ..errors import FormatError
+
+        ends: dict[str, int] = {}
+        for c in tensor.chunks:
+            for start, length in c.segments:
+                ends[c.file] = max(ends.get(c.file, 0), start + length)
+        for fname, end in ends.items():
+            if fname not in self._file_sizes:
+                try:
+                    self._file_sizes[fname] = self.storage.size(fname)
+                except FileNotFoundError:
+                    raise NotFoundError(
+                        f"{self.storage.child_url(fname)}: data file of tensor {tensor.name!r} is missing "
+                        "(named by the index)"
+                    ) from None
+            if end > self._file_sizes[fname]:
+                raise FormatError(
+                    f"{self.storage.child_url(fname)}: tensor {tensor.name!r} needs bytes up to {end}, but the file "
+                    f"has {self._file_sizes[fname]} bytes: it is truncated, or the index claims more than it holds"
+                )
+        self._sized.add(tensor.name)
 
 
 @dataclass

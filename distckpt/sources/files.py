@@ -56,8 +56,8 @@ def entry_value(storage: Store, fname: str, e: Entry) -> Any:
         data += storage.read_range(fname, start, length)
     if len(data) % 4:
         raise FormatError(f"{storage.child_url(fname)}: string value {e.name!r} has {len(data)} bytes, not UTF-32")
-    try:
-        return bytes(data).decode("utf-32-le")
+    try:  # as MindSpore decodes it (a numpy "U" string): trailing NULs are padding ("" is stored as one NUL)
+        return bytes(data).decode("utf-32-le").rstrip("\x00")
     except UnicodeDecodeError as exc:
         raise FormatError(f"{storage.child_url(fname)}: string value {e.name!r} is not valid UTF-32 ({exc})") from None
 

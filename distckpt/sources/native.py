@@ -106,7 +106,12 @@ def index_of_rank_dirs(storage: Store, rank_dirs: dict[int, str], strategy: Stra
     chunks: dict[str, dict[tuple, Chunk]] = {}
     for r in range(strategy.world_size):
         fname = pick_rank_file(storage, rank_dirs[r])
-        entries, _ = file_entries(storage, fname)
+        entries, meta = file_entries(storage, fname)
+        if meta:  # strings distckpt keeps in a .safetensors __metadata__ (see distckpt.writers)
+            from ..writers import decode_metadata_values
+
+            for k, v in decode_metadata_values(meta, where=storage.child_url(fname)).items():
+                values.setdefault(k, v)
         for e in entries:
             where = f"{storage.child_url(fname)}: tensor {e.name!r}"
             if e.dtype == "str":

@@ -165,6 +165,12 @@ def write_ckpt_file(store: Store, fname: str, items: Sequence[OutItem], values: 
 
     for it in items:
         dtypes.ckpt_name(it.dtype, tensor=it.name)  # refuse what .ckpt cannot hold before writing
+    for name, v in values.items():
+        if isinstance(v, str) and v.endswith("\x00"):
+            raise FormatError(
+                f"value {name!r} ends in a NUL character, which a MindSpore .ckpt string cannot hold (MindSpore "
+                "drops trailing NULs when it reads one); write .safetensors or a distckpt checkpoint instead"
+            )
     with writing(store, fname) as f:
         w = CkptWriter(f, name=store.child_url(fname))
         for it in items:

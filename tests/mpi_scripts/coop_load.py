@@ -14,13 +14,13 @@ from distckpt.comm import get_comm
 from distckpt.execute import ReadStats
 from distckpt.layout import ParamSpec, Strategy, TensorLayout
 
-SHAPES = {"w1": (64, 48), "w2": (32, 96), "emb": (40, 8)}
+SHAPES = {"w1": (256, 512), "w2": (128, 768), "emb": (160, 64)}  # >= 4 checksum blocks per box
 
 
 def full_state() -> dict:
     rng = np.random.default_rng(11)
     out = {n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}
-    out["norm"] = rng.standard_normal(48).astype(np.float16)  # not in the strategy: everyone's
+    out["norm"] = rng.standard_normal(512).astype(np.float16)  # not in the strategy: everyone's
     return out
 
 

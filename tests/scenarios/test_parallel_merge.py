@@ -15,7 +15,7 @@ import pytest
 import distckpt
 from distckpt.writers.parallel import split_by_bytes
 
-SCRIPT = Path(__file__).parent / "mpi_scripts" / "merge_job.py"
+SCRIPT = Path(__file__).parents[1] / "mpi_scripts" / "merge_job.py"
 
 
 def run(n: int, *args) -> subprocess.CompletedProcess:

@@ -27,7 +27,7 @@ from synth import make_strategy, write_strategy
 import distckpt
 from distckpt.index import INDEX_NAME
 
-SCRIPT = Path(__file__).parent / "mpi_scripts" / "pretrained_job.py"
+SCRIPT = Path(__file__).parents[1] / "mpi_scripts" / "pretrained_job.py"
 sys.path.insert(0, str(SCRIPT.parent))
 import pretrained_job as job  # noqa: E402
 

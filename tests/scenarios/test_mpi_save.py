@@ -16,7 +16,7 @@ import pytest
 import distckpt
 from distckpt.index import INDEX_NAME
 
-SCRIPT = Path(__file__).parent / "mpi_scripts" / "save_load.py"
+SCRIPT = Path(__file__).parents[1] / "mpi_scripts" / "save_load.py"
 sys.path.insert(0, str(SCRIPT.parent))
 import save_load  # noqa: E402
 

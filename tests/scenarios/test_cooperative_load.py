@@ -15,7 +15,7 @@ import distckpt
 from distckpt.layout import ParamSpec, Strategy, TensorLayout
 from distckpt.plan import plan_shared_reads
 
-SCRIPT = Path(__file__).parent / "mpi_scripts" / "coop_load.py"
+SCRIPT = Path(__file__).parents[1] / "mpi_scripts" / "coop_load.py"
 sys.path.insert(0, str(SCRIPT.parent))
 import coop_load  # noqa: E402
 

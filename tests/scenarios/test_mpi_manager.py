@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).parent / "mpi_scripts" / "manager_loop.py"
+SCRIPT = Path(__file__).parents[1] / "mpi_scripts" / "manager_loop.py"
 
 
 def mpirun(n: int, *args, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -38,7 +38,7 @@ def test_shipped_configs_exist():
     assert {p.name for p in SHIPPED} >= {"quickstart.yaml", "s3.yaml"}
     q = load_config(ROOT / "configs" / "quickstart.yaml")
     assert q["job"]["np"] == 4 and q["job"]["device"] == "cpu"
-    assert q["save"]["interval_steps"] == 2 and q["checkpoint"]["path"] == "./output/ckpt"
+    assert q["train"]["steps"] == 5 and q["checkpoint"]["path"] == "./output/quickstart/ckpt"
     assert q["strategy"]["src"]
     s3 = load_config(ROOT / "configs" / "s3.yaml")
     assert s3["checkpoint"]["path"].startswith("s3://") and s3["checkpoint"]["storage_options"]
