@@ -95,6 +95,7 @@ from typing import Any, NamedTuple, NoReturn
 
 import numpy as np
 
+from . import jsonutil
 from .errors import FormatError, LayoutError
 
 __all__ = [
@@ -430,19 +431,6 @@ def _context(
 
 
 # ---------------------------------------------------------------------------------- safetensors
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise _DuplicateKey(k)
-        out[k] = v
-    return out
-
-
-class _DuplicateKey(ValueError):
-    pass
-
-
 def _encode(columns: Sequence[tuple[str, np.ndarray]], metadata: dict[str, str]) -> list[memoryview]:
     """Header + columns as buffers (no copy of the columns); largest itemsize first, so aligned."""
     cols = sorted(columns, key=lambda kv: -kv[1].dtype.itemsize)  # stable: keeps canonical order
@@ -466,12 +454,7 @@ def _parse_header(raw: bytes, data_start: int, data_len: int, where: str, kind: 
     Offsets must lie inside the ``data_len`` bytes after ``data_start``, match the shape, be
     aligned to the item size and not overlap.
     """
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except _DuplicateKey as exc:
-        raise FormatError(f"{where}: {kind} header names {exc.args[0]!r} twice") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise FormatError(f"{where}: {kind} header is not valid UTF-8 JSON ({exc})") from None
+    header = jsonutil.loads(raw, where=f"{where}: {kind} header")  # strict: a duplicate key or NaN is an error
     if not isinstance(header, dict):
         raise FormatError(f"{where}: {kind} header is a JSON {type(header).__name__}, not an object")
     meta = header.pop("__metadata__", None)

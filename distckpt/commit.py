@@ -519,11 +519,20 @@ def commit(store: Store, index: Index, *, version: int | None = None) -> list[st
         table = index.chunk_table()
         sid = index.save_id if naming.SAVE_ID.match(index.save_id or "") else naming.new_save_id()
         tparts, cparts = table.to_parts()
-        tb = _put_blob(store, naming.chunk_table_file(sid), tparts)
-        cb = _put_blob(store, naming.crc_file(sid), cparts)
-        root = index.root_json(table, tb, cb)
-        store.put_atomic(naming.INDEX_NAME, jsonutil.dumps(root, separators=(",", ":")).encode())
-        new = sorted(index.files) + [tb.name, cb.name]
+        blobs = [naming.chunk_table_file(sid), naming.crc_file(sid)]
+        try:
+            tb = _put_blob(store, blobs[0], tparts)
+            cb = _put_blob(store, blobs[1], cparts)
+            root = index.root_json(table, tb, cb)
+            store.put_atomic(naming.INDEX_NAME, jsonutil.dumps(root, separators=(",", ":")).encode())
+        except BaseException:
+            if blobs[0] not in old:  # not committed: what this commit wrote is nobody's
+                try:
+                    store.remove(blobs)
+                except Exception:  # noqa: BLE001 - the first error is the one to report; gc can prove these
+                    pass
+            raise
+        new = sorted(index.files) + blobs
     store.remove(sorted(old - set(new)))
     if index.save_id:
         store.remove([naming.save_marker(index.save_id)])

@@ -76,6 +76,9 @@ VERSIONS = (1, 2)
 MAX_INDEX_BYTES = 1 << 30
 #: Largest chunk table read into memory from a store that is not a local disk (local tables are mapped).
 MAX_TABLE_BYTES = 1 << 34
+#: A checksum column up to this size on such a store is read whole with the table (one round trip);
+#: a larger one stays there and is read by range, the blocks a read verifies only.
+MAX_INLINE_CRC_BYTES = 64 << 20
 #: Rows validated and turned into :class:`Chunk` objects per step when a tensor's chunks are iterated.
 _ROWS_PER_STEP = 4096
 _MAX_DIMS = 32  # numpy arrays have at most 32 dims (layout.MAX_NDIM)
@@ -218,13 +221,45 @@ class _TableSource:
     checksums (mapped, or read through ``read_crcs``), and the hits :meth:`Index.prefetch` found."""
 
     def __init__(self, table: ChunkTable, file_names: tuple[str, ...], read_crcs: Callable[[int, int], Any] | None,
-                 keep: tuple[Any, ...] = ()):
+                 keep: tuple[Any, ...] = (), store: Store | None = None):
         self.table = table
         self.file_names = file_names
         self.ranks = table.file_rank.tolist()
         self.read_crcs = read_crcs
         self.keep = keep  # the mapped blobs: alive as long as the table
+        self.store = store
+        self.sizes: dict[int, int] = {}  # file id -> its real size, asked once
         self.cache: dict[tuple, list[tuple[int, Chunk, Box]]] = {}
+
+    def check_sizes(self, tensors: Sequence[int], file: Sequence[int], end: Sequence[int]) -> None:
+        """Chunks (of ``tensors``, in ``file`` ids, ending at byte ``end``) must lie inside their files'
+        *real* bytes, before a read allocates its result: an index may claim a 1 TiB tensor in a
+        100-byte file.  One size query per file a read touches, never one per file of the checkpoint."""
+        store = self.store
+        if store is None:
+            return
+        need: dict[int, tuple[int, int]] = {}
+        for t, f, e in zip(tensors, file, end):
+            if e > need.get(f, (-1, 0))[0]:
+                need[f] = (e, t)
+        names = self.table.specs.names or ()
+        for f, (e, t) in need.items():
+            tensor = names[t] if t < len(names) else f"#{t}"
+            name = self.file_names[f]
+            if f not in self.sizes:
+                try:
+                    self.sizes[f] = store.size(name)
+                except FileNotFoundError:
+                    from .errors import NotFoundError
+
+                    raise NotFoundError(
+                        f"{store.child_url(name)}: data file of tensor {tensor!r} is missing (named by the index)"
+                    ) from None
+            if e > self.sizes[f]:
+                raise FormatError(
+                    f"{store.child_url(name)}: tensor {tensor!r} needs bytes up to {e}, but the file has "
+                    f"{self.sizes[f]} bytes: it is truncated, or the index claims more than it holds"
+                )
 
     def crc_range(self, lo: int, hi: int) -> np.ndarray:
         return self.table.crc_range(lo, hi, read=self.read_crcs)
@@ -267,6 +302,9 @@ class _TableSource:
         f, st, ln = h.file.tolist(), h.start.tolist(), h.length.tolist()
         bl, cs = h.block_log2.tolist(), h.crc_start.tolist()
         first = tb.tensor_ptr[np.asarray(tids, np.int64)].tolist() if R else []
+        if self.store is not None and len(h.file):
+            ends = (np.maximum(h.start, 0) + h.length).tolist()  # segmented chunks: checked by the read itself
+            self.check_sizes(np.repeat(np.asarray(tids, np.int64), np.diff(h.ptr)).tolist(), f, ends)
         out = []
         for r in range(R):
             nd = boxes[r].ndim
@@ -802,8 +840,8 @@ def _from_root(doc: dict, where: str, store: Store | None, common: dict[str, Any
 
 
 def _mapped(store: Store, blob: Blob, what: str) -> mmap.mmap | bytes | None:
-    """A blob's bytes: mapped on a local disk, else read whole when small enough (None: leave it on
-    storage and read ranges); its size must be what the root says."""
+    """A blob mapped, on a local disk; elsewhere None (the caller reads it).  Either way its size must be
+    what the root says."""
     where = store.child_url(blob.name)
     if store.is_local:
         from .storage.local import open_regular
@@ -848,12 +886,21 @@ def _open_table(store: Store, specs: TensorSpecs, files: dict[str, int], ranks: 
                 crc_blob: Blob, count: int, n_crcs: int) -> _TableSource:
     """Open the blobs a version-2 root names and check they are the ones it describes."""
     tw = store.child_url(table_blob.name)
-    buf = _mapped(store, table_blob, "chunk table")
-    if buf is None:
+    cw = store.child_url(crc_blob.name)
+    buf: Any = _mapped(store, table_blob, "chunk table")
+    cbuf: Any = None
+    if buf is None:  # not a local disk: the table (and a small checksum column) in one concurrent round trip
         if table_blob.size > MAX_TABLE_BYTES:
             raise FormatError(f"{tw}: a chunk table of {table_blob.size} bytes exceeds the limit of {MAX_TABLE_BYTES}")
-        buf = store.read_bytes(table_blob.name, limit=MAX_TABLE_BYTES)
-        _check_size(tw, "chunk table", len(buf), table_blob.size)
+        _mapped(store, crc_blob, "checksum column")  # its size
+        buf = bytearray(table_blob.size)
+        jobs = [(table_blob.name, 0, buf)]
+        if crc_blob.size <= MAX_INLINE_CRC_BYTES:
+            cbuf = bytearray(crc_blob.size)
+            jobs.append((crc_blob.name, 0, cbuf))
+        store.read_many(jobs)
+    else:
+        cbuf = _mapped(store, crc_blob, "checksum column")
     try:
         table = ChunkTable.from_buffer(
             buf, None, n_tensors=len(specs), file_sizes=list(files.values()), tensor_shapes=specs, where=tw,
@@ -867,10 +914,8 @@ def _open_table(store: Store, specs: TensorSpecs, files: dict[str, int], ranks: 
         raise FormatError(f"{tw}: the chunk table counts {table.n_crcs} checksums, the index says {n_crcs}")
     if table.file_rank.tolist() != ranks:
         raise FormatError(f"{tw}: the chunk table's writer ranks of the data files disagree with the index")
-    cw = store.child_url(crc_blob.name)
     if crc_blob.size < 8 + 4 * n_crcs:
         raise FormatError(f"{cw}: a checksum column of {crc_blob.size} bytes cannot hold the {n_crcs} checksums the index counts")
-    cbuf = _mapped(store, crc_blob, "checksum column")
     read = None
     if cbuf is not None:
         try:
@@ -887,4 +932,4 @@ def _open_table(store: Store, specs: TensorSpecs, files: dict[str, int], ranks: 
             table.crc_range(0, 0, read=read)  # the header, checked now
         except FormatError as exc:
             raise FormatError(str(exc).replace(f"{tw} (crc blob)", cw, 1)) from None
-    return _TableSource(table, tuple(files), read, (buf if isinstance(buf, (mmap.mmap, bytes)) else None, cbuf))
+    return _TableSource(table, tuple(files), read, (buf, cbuf), store)

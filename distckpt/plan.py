@@ -121,7 +121,7 @@ def plan_writes(
     which holds every tensor of the class, computes the same assignment.
     """
     classes: dict[tuple, list[tuple[str, int, int]]] = {}
-    mine: dict[str, tuple[int, int, tuple]] = {}
+    mine: dict[str, tuple[int, Box]] = {}
     for name in sorted(tensors):
         dtype, shape = tensors[name]
         box = box_of(strategy, name, shape, rank)
@@ -130,16 +130,14 @@ def plan_writes(
         g, j = _replica(strategy, name, rank, world_size)
         key = _class_key(strategy, name, world_size)
         classes.setdefault(key, []).append((name, box.numel * dtypes.itemsize(dtype), g))
-        mine[name] = (g, j, key)
+        mine[name] = (j, box)
     picks: dict[str, int] = {}
     for key, items in classes.items():
         picks.update(_assign(items, key))
     out = []
-    for name, (_g, j, _key) in mine.items():
+    for name, (j, box) in mine.items():
         if picks[name] == j:
             dtype, shape = tensors[name]
-            box = box_of(strategy, name, shape, rank)
-            assert box is not None
             out.append(WriteItem(name, dtype, tuple(shape), box, rank))
     return out
 

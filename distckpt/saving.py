@@ -39,13 +39,13 @@ from typing import Any
 import numpy as np
 
 from . import commit as _commit
-from . import dtypes, naming
+from . import dtypes, jsonutil, naming
 from .chunktable import ChunkTable
 from .comm import Communicator, SingleComm, format_ranks, get_comm
 from .errors import DistCkptError, DistributedError, StrategyError, UsageError
 from .execute import DEFAULT_BLOCK_SIZE, PendingChunk, write_chunk_file
 from .index import Chunk
-from .layout import Strategy, box_of
+from .layout import Strategy
 from .plan import WriteItem, plan_writes
 from .state import split_state
 from .storage import open_storage
@@ -96,6 +96,7 @@ class SaveJob:
         self.items: list[WriteItem] = []
         self.pieces: list[np.ndarray] = []
         self.arrays: dict[str, np.ndarray] = {}
+        self._records: dict[str, list[Chunk]] = {}  # the writer's chunk records (legacy manifests)
         try:  # everything local, so that a failure on one rank reaches the others (never a hang)
             self.store = open_storage(path, storage_options)
             self.url = self.store.url
@@ -149,11 +150,8 @@ class SaveJob:
         self.arrays = arrays
         self.items = plan_writes(tensors, strat, world, me)
         self.pieces = []
-        for it in self.items:
-            arr = arrays[it.name]
-            my_box = box_of(strat, it.name, it.shape, me)
-            assert my_box is not None  # plan_writes only hands out boxes this rank holds
-            self.pieces.append(arr[it.box.relative_to(my_box)] if it.box.ndim else arr)
+        for it in self.items:  # plan_writes hands out the very boxes this rank holds: its whole arrays
+            self.pieces.append(arrays[it.name])
 
     @property
     def nbytes(self) -> int:
@@ -213,6 +211,12 @@ class SaveJob:
         if self.rank_mode:
             if self.error is not None:
                 raise self.error
+            if _commit.index_version() == 1:  # for an older distckpt's finalize: chunk records in the JSON
+                legacy = _commit.report(me, dict(map(tuple, files)), {n: (dt, tuple(s)) for n, dt, s in tensors},
+                                        self._records)
+                store.put_atomic(naming.manifest_file(me), jsonutil.dumps({
+                    **legacy, **common, "values": _commit.values_json(self.values) if me == 0 else {}}).encode())
+                return save_id
             packed = _commit.pack_report(head, table)
             _commit.write_manifest(store, {
                 **common, **head, "strategy": strategy if me == 0 else None,
@@ -272,6 +276,7 @@ class SaveJob:
         self.store.makedirs()
         chunks, size = writer(self.store, fname, pending, block_size=self.block_size, rank=self.me,
                               checksums=self.checksums)
+        self._records = chunks
         written = {it.name: self.tensors[it.name] for it in self.items}
         return _commit.rank_table(self.me, {fname: size}, written, chunks, where=f"rank {self.me}'s report")
 

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import distckpt
 from distckpt import chunktable as ct
-from distckpt.errors import ChecksumError, DistCkptError, FormatError
+from distckpt.errors import ChecksumError, DistCkptError, FormatError, StorageError
 from distckpt.index import INDEX_NAME, CrcSpan, Index, TableChunks
 from distckpt.layout import Box
 from distckpt.storage import open_storage
@@ -200,23 +200,33 @@ def test_checksums_are_fetched_for_touched_blocks_only(tmp_path):
     assert seen == [(2, 4)]
 
 
-def test_remote_store_reads_table_and_ranges_of_checksums(v2):
-    """A store that is not a local disk: the table is read whole, checksums by range."""
+@pytest.mark.parametrize("inline", [True, False])
+def test_remote_store_reads_the_table_and_checksums_it_needs(v2, monkeypatch, inline):
+    """A store that is not a local disk: the table (and a small checksum column) in one round of
+    concurrent reads; a large checksum column stays there and is read by range, per chunk read."""
+    import distckpt.index as index_mod
+
+    if not inline:
+        monkeypatch.setattr(index_mod, "MAX_INLINE_CRC_BYTES", 0)
     store = open_storage(v2)
     store.caps = type(store.caps)(**{**store.caps.__dict__, "local": False})  # pretend: no mmap
-    ranges = []
-    real = store.read_range
-    store.read_range = lambda name, start, n: ranges.append((name, start, n)) or real(name, start, n)
+    ranges, batches = [], []
+    real_range, real_many = store.read_range, store.read_many
+    store.read_range = lambda name, start, n: ranges.append((name, start, n)) or real_range(name, start, n)
+    store.read_many = lambda jobs, **k: batches.append([j[0] for j in jobs]) or real_many(jobs, **k)
     store.confined = True
     idx = Index.loads(store.read_bytes(INDEX_NAME), store=store)
-    assert idx.table is not None and idx.table.crcs is None  # not mapped: read by range
+    root = _root(v2)
+    assert batches[0] == [root["chunks"]["table"]["name"]] + ([root["chunks"]["crcs"]["name"]] if inline else [])
+    assert (idx.table.crcs is not None) == inline
     from distckpt.execute import read_box
 
-    t = idx.tensors["w"]
-    got = read_box(store, t, Box((0, 0), (6, 4)))
+    got = read_box(store, idx.tensors["w"], Box((0, 0), (6, 4)))
     assert np.array_equal(got, make_v1ckpt.full_state()["w"])
-    crc_name = _root(v2)["chunks"]["crcs"]["name"]
-    assert ranges and all(n == crc_name for n, _s, _k in ranges)
+    if inline:
+        assert ranges == []
+    else:  # the header once, then one read per chunk touched (w has two)
+        assert ranges and all(n == root["chunks"]["crcs"]["name"] for n, _s, _k in ranges) and len(ranges) == 4
 
 
 def test_v1_fixture_still_reads_verifies_and_converts(tmp_path):
@@ -397,7 +407,7 @@ TABLE_CASES = [
     (_col_case(lambda m, c: m.update(n_crcs="x")), "n_crcs"),
     (lambda m, c: (1 << 40).to_bytes(8, "little") + b"{}", "header length"),
     (lambda m, c: _encode(m, c)[:-9], "data_offsets"),
-    (lambda m, c: _encode(m, c).replace(b'"file_rank"', b'"file"', 1), "twice"),
+    (lambda m, c: _encode(m, c).replace(b'"file_rank"', b'"file"', 1), "duplicate key"),
     (lambda m, c: b"\x00" * 3, "shorter"),
 ]
 
@@ -457,6 +467,39 @@ def test_overlapping_chunks_in_the_table(v2):
         distckpt.load(v2)
     rep = distckpt.verify(v2, raise_errors=False)
     assert not rep["ok"]
+
+
+def test_blob_symlinked_outside_the_checkpoint_is_refused(v2, tmp_path):
+    t = _table_path(v2)
+    outside = tmp_path / "outside.safetensors"
+    os.replace(t, outside)
+    os.symlink(outside, t)
+    with pytest.raises(StorageError, match="outside the checkpoint"):
+        distckpt.load(v2)
+
+
+def test_a_1tib_tensor_claimed_in_a_tiny_file(tmp_path):
+    """The root and the table agree on a 1 TiB tensor; its file has 100-odd bytes: refused before any
+    allocation, naming the file (not a MemoryError)."""
+    ck = tmp_path / "ck"
+    distckpt.save({"w": np.ones((4, 4), np.float32)}, ck)
+    rows = (1 << 40) // (4 << 20)
+    doc = _root(ck)
+    doc["tensors"]["shapes"][0] = [rows, 1 << 20]
+    doc["files"]["sizes"][0] = (1 << 40) + 4096
+    _write_root(ck, doc)
+    meta, cols = _columns(ck)
+    cols["sizes"][0] = [rows, 1 << 20]
+    cols["tensor_max0"][0] = rows
+    cols["block_log2"][0] = 0
+    _rewrite(ck, _encode(meta, cols))
+    fname = doc["files"]["names"][0]
+    for fn in (lambda: distckpt.load(ck), lambda: distckpt.load(ck, verify=False),
+               lambda: distckpt.merge(ck, tmp_path / "m.safetensors")):
+        with pytest.raises(FormatError, match="needs bytes up to") as ei:
+            fn()
+        assert fname in str(ei.value)
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 # ------------------------------------------------------------------ fuzz

@@ -62,7 +62,7 @@ def data_files(st: Storage) -> list[str]:
 
 
 def committed(st: Storage) -> Index:
-    return Index.loads(st.read_bytes(INDEX_NAME))
+    return Index.loads(st.read_bytes(INDEX_NAME), store=st)
 
 
 # ------------------------------------------------------------------ contract suite

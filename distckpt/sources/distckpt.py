@@ -24,7 +24,8 @@ def read_index(storage: Store) -> Index:
 
 def uncommitted_debris(storage: Store, names: list[str]) -> None:
     """Refuse a directory that holds a distckpt save's files but no index (a save that did not finish)."""
-    if any(naming.is_data_file(n) or naming.is_manifest(n) or naming.is_save_marker(n) for n in names):
+    if any(naming.is_data_file(n) or naming.is_manifest(n) or naming.is_save_marker(n) or naming.is_index_blob(n)
+           or naming.is_manifest_table(n) for n in names):
         raise NotCommittedError(
             f"not a committed checkpoint: {storage.url} has data files but no {naming.INDEX_NAME} "
             "(the save did not finish; run `distckpt finalize` for rank-mode saves, or `distckpt gc` to clean up)"

@@ -287,7 +287,8 @@ def test_value_encoding_is_documented():
 
 # ------------------------------------------------------------------ item 8
 @pytest.fixture
-def ck8(tmp_path):
+def ck8(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTCKPT_INDEX_VERSION", "1")  # the edits below are to version 1's text
     path = tmp_path / "ck"
     distckpt.save({"w": np.ones((4, 4), np.float32), "step": 1}, path)
     return path

@@ -193,12 +193,13 @@ def test_commit_is_one_put_after_the_data(s3_server):
         elif (m == "POST" and "delete" in q) or (m == "DELETE" and p.startswith(mine)):
             events.append(("delete", ""))
     puts = [name for kind, name in events if kind == "put"]
-    # the save marker (gc's proof, issue 11 B.11) first, then the data, then the index in one PUT
-    assert len(puts) == 3 and puts[0].startswith(".distckpt-save-") and puts[1].startswith("data-"), events
-    assert puts[2] == "distckpt.index.json", events
+    # the save marker (gc's proof, issue 11 B.11) first, then the data, the chunk table and checksum column
+    # (index version 2), then the index in one PUT
+    assert len(puts) == 5 and puts[0].startswith(".distckpt-save-") and puts[1].startswith("data-"), events
+    assert puts[2].startswith("chunks-") and puts[3].startswith("crc32c-") and puts[4] == "distckpt.index.json", events
     first_delete = next(i for i, e in enumerate(events) if e[0] == "delete")
     assert first_delete > events.index(("put", "distckpt.index.json")), events
-    assert open_storage(url).listdir() == sorted(["distckpt.index.json", puts[1]])  # old data and the marker are gone
+    assert open_storage(url).listdir() == sorted(["distckpt.index.json", *puts[1:4]])  # old files and the marker are gone
     assert np.array_equal(api.load(url)["a"], np.zeros(1000, np.float32))
     assert len([n for n in open_storage(url).listdir() if n.startswith("data-")]) == 1
 
