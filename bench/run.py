@@ -230,6 +230,11 @@ def bench_dtype(a, dtype: str, size: int, work: str, logs: str, *, with_ms: bool
 
 
 def main(argv=None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if "--scale" in args:  # issue 15's scale bench, its own module and options: python -m bench.scale --help
+        from bench.scale import main as scale_main
+
+        return scale_main([x for x in args if x != "--scale"])
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small preset (peers: 128 MiB / 64 MiB / 32 MiB, 3 reps)")
     ap.add_argument("--workdir", default=None, help="scratch directory (all tools use this disk; default: a temp dir)")

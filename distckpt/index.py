@@ -228,37 +228,35 @@ class _TableSource:
         self.read_crcs = read_crcs
         self.keep = keep  # the mapped blobs: alive as long as the table
         self.store = store
-        self.sizes: dict[int, int] = {}  # file id -> its real size, asked once
+        self.sizes: dict[str, int] = {}  # file name -> its real size, asked once
         self.cache: dict[tuple, list[tuple[int, Chunk, Box]]] = {}
 
-    def check_sizes(self, tensors: Sequence[int], file: Sequence[int], end: Sequence[int]) -> None:
-        """Chunks (of ``tensors``, in ``file`` ids, ending at byte ``end``) must lie inside their files'
-        *real* bytes, before a read allocates its result: an index may claim a 1 TiB tensor in a
-        100-byte file.  One size query per file a read touches, never one per file of the checkpoint."""
+    def check_sizes(self, tensor: str, hits: Sequence[tuple[int, Chunk, Box]]) -> None:
+        """The chunks a read of ``tensor`` touches must lie inside their files' *real* bytes, before the
+        read allocates its result: an index may claim a 1 TiB tensor in a 100-byte file.  One size
+        query per file reads touch, never one per file of the checkpoint, nor a scan of every chunk."""
         store = self.store
         if store is None:
             return
-        need: dict[int, tuple[int, int]] = {}
-        for t, f, e in zip(tensors, file, end):
-            if e > need.get(f, (-1, 0))[0]:
-                need[f] = (e, t)
-        names = self.table.specs.names or ()
-        for f, (e, t) in need.items():
-            tensor = names[t] if t < len(names) else f"#{t}"
-            name = self.file_names[f]
-            if f not in self.sizes:
+        need: dict[str, int] = {}
+        for _i, c, _b in hits:
+            e = max(s + n for s, n in c.segments)
+            if e > need.get(c.file, -1):
+                need[c.file] = e
+        for name, e in need.items():
+            if name not in self.sizes:
                 try:
-                    self.sizes[f] = store.size(name)
+                    self.sizes[name] = store.size(name)
                 except FileNotFoundError:
                     from .errors import NotFoundError
 
                     raise NotFoundError(
                         f"{store.child_url(name)}: data file of tensor {tensor!r} is missing (named by the index)"
                     ) from None
-            if e > self.sizes[f]:
+            if e > self.sizes[name]:
                 raise FormatError(
                     f"{store.child_url(name)}: tensor {tensor!r} needs bytes up to {e}, but the file has "
-                    f"{self.sizes[f]} bytes: it is truncated, or the index claims more than it holds"
+                    f"{self.sizes[name]} bytes: it is truncated, or the index claims more than it holds"
                 )
 
     def crc_range(self, lo: int, hi: int) -> np.ndarray:
@@ -302,9 +300,6 @@ class _TableSource:
         f, st, ln = h.file.tolist(), h.start.tolist(), h.length.tolist()
         bl, cs = h.block_log2.tolist(), h.crc_start.tolist()
         first = tb.tensor_ptr[np.asarray(tids, np.int64)].tolist() if R else []
-        if self.store is not None and len(h.file):
-            ends = (np.maximum(h.start, 0) + h.length).tolist()  # segmented chunks: checked by the read itself
-            self.check_sizes(np.repeat(np.asarray(tids, np.int64), np.diff(h.ptr)).tolist(), f, ends)
         out = []
         for r in range(R):
             nd = boxes[r].ndim
@@ -323,10 +318,10 @@ class TableChunks(Sequence[Chunk]):
     thousand at a time); :meth:`overlapping` looks a box up in the table.
     """
 
-    __slots__ = ("_src", "_t", "_lo", "_hi", "_where")
+    __slots__ = ("_src", "_t", "_lo", "_hi", "_where", "_name")
 
-    def __init__(self, src: _TableSource | None, t: int, where: str):
-        self._src, self._t, self._where = src, t, where
+    def __init__(self, src: _TableSource | None, t: int, where: str, name: str = ""):
+        self._src, self._t, self._where, self._name = src, t, where, name
         self._lo, self._hi = src.table.chunk_range(t) if src is not None else (0, 0)
 
     def _source(self) -> _TableSource:
@@ -359,9 +354,13 @@ class TableChunks(Sequence[Chunk]):
             yield from src.rows(self._t, np.arange(a, min(a + _ROWS_PER_STEP, self._hi)))
 
     def overlapping(self, box: Box) -> list[tuple[int, Chunk, Box]]:
+        """The chunks a read of ``box`` touches (prefetched or looked up), their files' real sizes checked."""
         src = self._source()
         got = src.cache.pop((self._t, box.offsets, box.sizes), None)
-        return got if got is not None else src.lookup([self._t], [box])[0]
+        if got is None:
+            got = src.lookup([self._t], [box])[0]
+        src.check_sizes(self._name, got)
+        return got
 
     def __repr__(self) -> str:
         return f"TableChunks(tensor {self._t}, {self._hi - self._lo} chunks)"
@@ -495,7 +494,7 @@ class Index:
         fnames = tuple(file_names)
         src = _TableSource(table, fnames, None)
         tensors = {
-            n: TensorInfo(n, dt, table.specs.shape(t), TableChunks(src, t, n)) for t, (n, dt) in enumerate(zip(names, dtype_names))
+            n: TensorInfo(n, dt, table.specs.shape(t), TableChunks(src, t, n, n)) for t, (n, dt) in enumerate(zip(names, dtype_names))
         }
         sizes = table.file_sizes.tolist()
         ranks = table.file_rank.tolist()
@@ -832,7 +831,7 @@ def _from_root(doc: dict, where: str, store: Store | None, common: dict[str, Any
     if store is not None:
         src = _open_table(store, specs, files, ranks, table_blob, crc_blob, count, n_crcs)
         table = src.table
-    tensors = {n: TensorInfo(n, dts[t], shapes[t], TableChunks(src, t, where)) for t, n in enumerate(names)}
+    tensors = {n: TensorInfo(n, dts[t], shapes[t], TableChunks(src, t, where, n)) for t, n in enumerate(names)}
     return Index(
         tensors=tensors, files=files, version=2, file_ranks=dict(zip(fnames, ranks)), table_blob=table_blob,
         crc_blob=crc_blob, table=table, _source=src, _store=store, **common,
