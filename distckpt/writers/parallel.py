@@ -36,9 +36,9 @@ from ..plan import plan_save
 from ..storage import Staging
 from . import (
     OutItem,
+    add_values,
     group_shards,
     safetensors_layout,
-    value_array,
     write_ckpt_file,
     write_safetensors_file,
 )
@@ -126,12 +126,7 @@ def _ckpt_offsets(items: Sequence[OutItem], values: dict) -> tuple[list[int], in
         offsets.append(w.position)
         w.add_tensor_stream(it.name, it.dtype, it.shape, _zeros(it.nbytes)())
     values_at = w.position
-    for name, v in values.items():
-        arr = value_array(name, v)
-        if isinstance(arr, str):
-            w.add_str(name, arr)
-        else:
-            w.add_tensor(name, dtypes.name_of(arr.dtype), (), arr)
+    add_values(w, values)
     return offsets, values_at, w.position
 
 
@@ -157,11 +152,7 @@ def merge_file(c: Communicator, stage: Staging | None, tmp: str, fmt: str, items
                 it = items[i]
                 w.add_tensor(it.name, it.dtype, it.shape, it.fetch())
             if c.rank == 0 and values:
-                w = CkptWriter(_Positioned(fd, values_at, path), offset=values_at, name=path)
-                for name, v in values.items():
-                    arr = value_array(name, v)
-                    w.add_str(name, arr) if isinstance(arr, str) else w.add_tensor(
-                        name, dtypes.name_of(arr.dtype), (), arr)
+                add_values(CkptWriter(_Positioned(fd, values_at, path), offset=values_at, name=path), values)
         else:
             layout, allitems, _meta = safetensors_layout(items, values)
             if c.rank == 0:
