@@ -355,7 +355,7 @@ def _merge_with_every_rank(c, src, dst: str, *, format: str, shard, src_strategy
     from .writers.parallel import merge_parallel
 
     model_opts = _model_options(opts["model"], opts["qkv_layout"], opts["ffn_layout"])
-    if format in OUTPUTS:  # formats written by their own module: the coordinator writes, the others wait
+    if format in OUTPUTS and format != "hf":  # written by their own module: the coordinator writes, the others wait
         def alone() -> dict:
             from .comm import SingleComm
 
@@ -376,8 +376,10 @@ def _merge_with_every_rank(c, src, dst: str, *, format: str, shard, src_strategy
         holder["source"] = source
         return source
 
+    hf_options = {"max_shard_size": shard, "hf_config": opts["hf_config"], **model_opts}
     files = merge_parallel(c, open_src, dst, fmt=format, shard=shard, overwrite=overwrite,
-                           storage_options=storage_options, read_factory=lambda s: _read_fn(s, verify, stats))
+                           storage_options=storage_options, read_factory=lambda s: _read_fn(s, verify, stats),
+                           hf_options=hf_options)
     source = holder.get("source")
     tensors = list(source.tensors.values()) if source is not None else []
     totals = c.gather(stats.to_json(), "merge.stats")

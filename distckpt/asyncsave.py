@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from . import jsonutil
 from .errors import DistCkptError, StorageError
 from .execute import PendingChunk
 from .index import Chunk
@@ -178,7 +179,7 @@ class AsyncWriter:
                 self._proc = None
                 raise StorageError(f"{store.child_url(fname)}: the async writer process died while writing it ({exc})") \
                     from None
-        reply = json.loads(raw)
+        reply = jsonutil.loads(raw, where="the async writer's reply")
         if not reply["ok"]:
             raise StorageError(f"{store.child_url(fname)}: async write failed: {reply['error']}")
         chunks = {n: [_chunk_from_json(c) for c in cs] for n, cs in reply["chunks"].items()}
@@ -196,7 +197,7 @@ def _worker_main(conn) -> None:  # pragma: no cover - runs in the writer process
             raw = conn.recv_bytes()
         except (EOFError, OSError):
             return
-        job = json.loads(raw)
+        job = jsonutil.loads(raw, where="an async write job")
         if job.get("stop"):
             return
         mm = None

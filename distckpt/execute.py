@@ -132,14 +132,7 @@ def write_chunk_file(
     try:
         w = SafetensorsWriter(f, specs, metadata={"format": "distckpt"})
         for p in pending:
-            arr = p.fetch()
-            if not arr.flags.c_contiguous:
-                arr = arr.copy()  # np.ascontiguousarray would turn a scalar into shape (1,)
-            if arr.shape != p.box.sizes or dtypes.name_of(arr.dtype) != p.dtype:
-                raise FormatError(
-                    f"tensor {p.name!r}: chunk at {list(p.box.offsets)} is {dtypes.name_of(arr.dtype)}{list(arr.shape)}, "
-                    f"expected {p.dtype}{list(p.box.sizes)}"
-                )
+            arr = _fetch(p)
             mv = dtypes.byteview(arr)
             bs = chunk_block_size(len(mv), block_size)
             start = w.data_offset(p.key)

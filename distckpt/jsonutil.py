@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import DistCkptError, FormatError
 
-__all__ = ["loads", "dumps", "finite"]
+__all__ = ["loads", "loads_lenient", "dumps", "finite"]
 
 
 class _Duplicate(ValueError):
@@ -28,7 +28,7 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict:
     out: dict = {}
     for k, v in pairs:
         if k in out:
-            raise _Duplicate(f"duplicate key {k!r}")
+            raise _Duplicate(f"duplicate key {k!r} ({k!r} twice in one object; a key may appear only once)")
         out[k] = v
     return out
 
@@ -43,8 +43,21 @@ def loads(data: bytes | bytearray | memoryview | str, *, where: str, error: type
         text = data if isinstance(data, str) else bytes(data).decode("utf-8-sig")
         return json.loads(text, object_pairs_hook=_pairs, parse_constant=_no_constant)
     except _Duplicate as exc:
-        raise error(f"{where}: not valid JSON: {exc} (a key may appear only once)") from None
+        raise error(f"{where}: not valid JSON: {exc}") from None
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, int-digit limits
+        raise error(f"{where}: not valid JSON: {exc}") from None
+
+
+def loads_lenient(data: bytes | bytearray | memoryview | str, *, where: str,
+                  error: type[DistCkptError] = FormatError) -> Any:
+    """:func:`loads` that also takes ``NaN``/``Infinity`` (files other programs write with them, e.g.
+    MindFormers' ``common.json``); duplicate keys are still refused."""
+    try:
+        text = data if isinstance(data, str) else bytes(data).decode("utf-8-sig")
+        return json.loads(text, object_pairs_hook=_pairs)
+    except _Duplicate as exc:
+        raise error(f"{where}: not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
         raise error(f"{where}: not valid JSON: {exc}") from None
 
 

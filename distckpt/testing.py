@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import jsonutil
 from .comm import Communicator, _pieces, comm_timeout, format_ranks
 from .errors import DestinationExistsError, StorageError
 from .storage import (
@@ -230,12 +231,12 @@ def _check_staging(st: Store, storage_options: dict | None) -> None:
     live.__enter__()
     dead = Staging(st.child_url("dead"), storage_options=storage_options)
     dead.__enter__()
-    body = json.loads(st.read_bytes(dead.marker_name))
+    body = jsonutil.loads(st.read_bytes(dead.marker_name), where=dead.marker_name)
     body["time"] = time.time() - 3 * 24 * 3600
     st.put(dead.marker_name, json.dumps(body).encode())
     dead_file = Staging(st.child_url("dead.bin"), kind="file", storage_options=storage_options)
     dead_file.__enter__()
-    body = json.loads(st.read_bytes(dead_file.marker_name))
+    body = jsonutil.loads(st.read_bytes(dead_file.marker_name), where=dead_file.marker_name)
     body["time"] = 0
     st.put(dead_file.marker_name, json.dumps(body).encode())
     st.put(dead_file.name, b"partial")

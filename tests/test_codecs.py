@@ -616,8 +616,8 @@ GOOD = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
     [
         (b"\x01\x02", "shorter than"),
         ((10**6).to_bytes(8, "little") + b"{}", "exceeds the file size"),
-        (_st_blob({}, raw_header=b"{not json"), "not valid UTF-8 JSON"),
-        (_st_blob({}, raw_header=b'{"a":\xff}'), "not valid UTF-8 JSON"),
+        (_st_blob({}, raw_header=b"{not json"), "not valid JSON"),
+        (_st_blob({}, raw_header=b'{"a":\xff}'), "not valid JSON"),
         (_st_blob({}, raw_header=b"[1, 2]"), "not an object"),
         (_st_blob({}, raw_header=b"[" * 100000 + b"]" * 100000), "JSON"),
         (

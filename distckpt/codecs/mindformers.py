@@ -46,6 +46,7 @@ from typing import Any, NamedTuple, Union
 
 import numpy as np
 
+from .. import jsonutil
 from ..dtypes import DTYPES, ckpt_name, from_ckpt_name, itemsize
 from ..errors import FormatError, LayoutError, StorageError, StrategyError
 from ..layout import MAX_DEVICES, MAX_NDIM, Box, TensorLayout, check_tiling
@@ -691,34 +692,12 @@ class MFMetadata:
 # --------------------------------------------------------------------------- metadata.json
 
 
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise _DuplicateKey(k)
-        out[k] = v
-    return out
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
 def _load_json(data: bytes, where: str, *, allow_nan: bool = False) -> Any:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise FormatError(f"{where}: expected bytes, got {type(data).__name__}")
-    try:
-        text = bytes(data).decode("utf-8")
-        kw: dict[str, Any] = {} if allow_nan else {"parse_constant": _reject_constant}
-        return json.loads(text, object_pairs_hook=_no_duplicates, **kw)
-    except _DuplicateKey as exc:
-        raise FormatError(f"{where}: JSON names key {str(exc.args[0])[:200]!r} twice in one object") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise FormatError(f"{where}: not valid UTF-8 JSON: {str(exc)[:200]}") from None
+    if allow_nan:  # MindFormers' common.json may hold a NaN loss scale
+        return jsonutil.loads_lenient(data, where=where)
+    return jsonutil.loads(data, where=where)
 
 
 def _obj(value: Any, what: str, required: Iterable[str]) -> dict:

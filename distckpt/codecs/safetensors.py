@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any, BinaryIO
 
+from .. import jsonutil
 from ..dtypes import from_safetensors_name, itemsize, safetensors_name
 from ..errors import FormatError, UsageError
 from . import Entry
@@ -32,18 +33,6 @@ def _read_exact(f: BinaryIO, n: int, fname: str, what: str) -> bytes:
         raise FormatError(f"{fname}: truncated safetensors file: {what} needs {n} bytes, got {len(data)}")
     return bytes(data)
 
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise _DuplicateKey(k)
-        out[k] = v
-    return out
-
-
-class _DuplicateKey(ValueError):
-    pass
 
 
 def _is_int(x: Any) -> bool:
@@ -70,12 +59,7 @@ def read_safetensors_header(f: BinaryIO, *, size: int, name: str) -> tuple[list[
             f"{name}: safetensors header of {n} bytes exceeds the limit of {MAX_HEADER_BYTES} bytes (100 MiB)"
         )
     raw = _read_exact(f, n, name, "JSON header")
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except _DuplicateKey as exc:
-        raise FormatError(f"{name}: safetensors header names {exc.args[0]!r} twice") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise FormatError(f"{name}: safetensors header is not valid UTF-8 JSON: {exc}") from None
+    header = jsonutil.loads(raw, where=f"{name}: safetensors header")
     if not isinstance(header, dict):
         raise FormatError(f"{name}: safetensors header is a JSON {type(header).__name__}, not an object")
 

@@ -41,6 +41,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any, Optional
 
+from .. import jsonutil
 from ..errors import DestinationExistsError, StorageError
 from .base import TMP_NAME_RE, Store, Writer, is_space_error, space_error
 from .factory import open_storage
@@ -231,19 +232,10 @@ class Staging:
                 os.rmdir(d)
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
 def _read_marker(store: Store, name: str) -> Optional[dict[str, Any]]:
     """The parsed marker ``name``, or None when absent or not a valid marker."""
     try:
-        data = json.loads(store.read_bytes(name, limit=_MARKER_LIMIT), object_pairs_hook=_no_duplicates)
+        data = jsonutil.loads(store.read_bytes(name, limit=_MARKER_LIMIT), where=name)
     except (OSError, ValueError, UnicodeDecodeError):
         return None
     if not isinstance(data, dict) or data.get("format") != MARKER_FORMAT:

@@ -175,13 +175,18 @@ def write_ckpt_file(store: Store, fname: str, items: Sequence[OutItem], values: 
         w = CkptWriter(f, name=store.child_url(fname))
         for it in items:
             w.add_tensor(it.name, it.dtype, it.shape, _check(it, it.fetch()))
-        for name, v in values.items():
-            arr = value_array(name, v)
-            if isinstance(arr, str):
-                w.add_str(name, arr)
-            else:
-                w.add_tensor(name, dtypes.name_of(arr.dtype), (), arr)
+        add_values(w, values)
         w.close()
+
+
+def add_values(w: Any, values: Mapping[str, Any]) -> None:
+    """Plain values into a ``.ckpt`` writer: strings as MindSpore string values, the rest as scalar tensors."""
+    for name, v in values.items():
+        arr = value_array(name, v)
+        if isinstance(arr, str):
+            w.add_str(name, arr)
+        else:
+            w.add_tensor(name, dtypes.name_of(arr.dtype), (), arr)
 
 
 def write_safetensors_file(

@@ -158,6 +158,23 @@ def _warn_left_out(source: Any, skipped: Sequence[str]) -> None:
 
 def write(job: OutputJob) -> list[str]:
     """Write ``job.source`` as a HuggingFace model into ``job.store``; return the names written."""
+    items, config_bytes, limit = plan(job)
+    files = write_sharded(job.store, items, {}, stem="model", ext="safetensors", max_shard_size=limit,
+                          metadata=METADATA)
+    job.store.put_atomic("config.json", config_bytes)
+    return files + ["config.json"]
+
+
+#: safetensors metadata of the shards (transformers refuses any other ``format``)
+METADATA = {"format": "pt"}
+
+
+def plan(job: OutputJob) -> tuple[list[OutItem], bytes, int]:
+    """The HF tensors to write, in order, each fetched when written; the ``config.json`` bytes; the shard size.
+
+    :func:`write` writes them in one process; ``merge`` under mpirun shares the shards out among
+    the ranks (:mod:`distckpt.writers.parallel`).
+    """
     from ..jobconfig import size_option
     from ..models import get_model_map, hf_config_for, layouts_from_mf_config
 
@@ -197,7 +214,5 @@ def write(job: OutputJob) -> list[str]:
         for hf_name, shape in zip(op.hf_names, op.hf_shapes):
             items.append(OutItem(hf_name, dtype, tuple(shape), _fetcher(job, conv, bands, hf_name, dtype)))
     limit = size_option(opts.get("max_shard_size") or DEFAULT_MAX_SHARD_SIZE)
-    files = write_sharded(job.store, items, {}, stem="model", ext="safetensors", max_shard_size=limit,
-                          metadata={"format": "pt"})
-    job.store.put_atomic("config.json", config_bytes)
-    return files + ["config.json"]
+    assert limit is not None
+    return items, config_bytes, limit

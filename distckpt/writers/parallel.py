@@ -36,9 +36,9 @@ from ..plan import plan_save
 from ..storage import Staging
 from . import (
     OutItem,
+    add_values,
     group_shards,
     safetensors_layout,
-    value_array,
     write_ckpt_file,
     write_safetensors_file,
 )
@@ -126,12 +126,7 @@ def _ckpt_offsets(items: Sequence[OutItem], values: dict) -> tuple[list[int], in
         offsets.append(w.position)
         w.add_tensor_stream(it.name, it.dtype, it.shape, _zeros(it.nbytes)())
     values_at = w.position
-    for name, v in values.items():
-        arr = value_array(name, v)
-        if isinstance(arr, str):
-            w.add_str(name, arr)
-        else:
-            w.add_tensor(name, dtypes.name_of(arr.dtype), (), arr)
+    add_values(w, values)
     return offsets, values_at, w.position
 
 
@@ -157,11 +152,7 @@ def merge_file(c: Communicator, stage: Staging | None, tmp: str, fmt: str, items
                 it = items[i]
                 w.add_tensor(it.name, it.dtype, it.shape, it.fetch())
             if c.rank == 0 and values:
-                w = CkptWriter(_Positioned(fd, values_at, path), offset=values_at, name=path)
-                for name, v in values.items():
-                    arr = value_array(name, v)
-                    w.add_str(name, arr) if isinstance(arr, str) else w.add_tensor(
-                        name, dtypes.name_of(arr.dtype), (), arr)
+                add_values(CkptWriter(_Positioned(fd, values_at, path), offset=values_at, name=path), values)
         else:
             layout, allitems, _meta = safetensors_layout(items, values)
             if c.rank == 0:
@@ -185,15 +176,18 @@ def file_size(fmt: str, items: Sequence[OutItem], values: dict) -> int:
 
 
 def merge_sharded(c: Communicator, store, items: Sequence[OutItem], values: dict, *, stem: str, ext: str,
-                  max_shard_size: int) -> list[str]:
+                  max_shard_size: int, metadata: dict[str, str] | None = None) -> list[str]:
     """Step 3 for a sharded directory: every rank writes the shard files it was given (by bytes)."""
     groups = group_shards(items, max_shard_size)
     total = len(groups)
     names = [naming.shard_file(stem, k, total, ext) for k in range(1, total + 1)] if total > 1 else [f"{stem}.{ext}"]
     mine = split_by_bytes([sum(it.nbytes for it in g) for g in groups], c.size)[c.rank]
-    write = write_ckpt_file if ext == "ckpt" else write_safetensors_file
     for k in mine:
-        write(store, names[k], groups[k], values if k == total - 1 else {})
+        shard_values = values if k == total - 1 else {}
+        if ext == "ckpt":
+            write_ckpt_file(store, names[k], groups[k], shard_values)
+        else:
+            write_safetensors_file(store, names[k], groups[k], shard_values, metadata)
     return names
 
 
@@ -215,7 +209,8 @@ def merge_distckpt(c: Communicator, store, source, read, *, save_id: str) -> dic
 
 
 def merge_parallel(c: Communicator, open_source: Callable[[], Any], dst: str, *, fmt: str, shard: int | None,
-                   overwrite: bool, storage_options: dict | None, read_factory: Callable[[Any], Any]) -> list[str]:
+                   overwrite: bool, storage_options: dict | None, read_factory: Callable[[Any], Any],
+                   hf_options: dict | None = None) -> list[str]:
     """Steps 1-4 of the module docstring on every rank; returns the names written (on every rank).
 
     ``open_source()`` opens SRC (each rank reads its metadata); ``read_factory(source)`` gives the
@@ -232,11 +227,18 @@ def merge_parallel(c: Communicator, open_source: Callable[[], Any], dst: str, *,
     error: BaseException | None = None
     source: Any = None
     items: list[OutItem] = []
+    hf_config = b""
     try:
         source = open_source()
         read = read_factory(source)
-        items = [OutItem(t.name, t.dtype, t.shape, _fetcher(read, t.name, full_box(t.shape)))
-                 for t in source.tensors.values()]
+        if fmt == "hf":  # HF names and fused tensors split: the HF writer plans, the ranks share its shards
+            from . import OutputJob
+            from .hf import plan as hf_plan
+
+            items, hf_config, shard = hf_plan(OutputJob(None, source, None, read, hf_options or {}))  # type: ignore[arg-type]
+        else:
+            items = [OutItem(t.name, t.dtype, t.shape, _fetcher(read, t.name, full_box(t.shape)))
+                     for t in source.tensors.values()]
         if fmt == "ckpt":
             for it in items:
                 dtypes.ckpt_name(it.dtype, tensor=it.name)
@@ -279,6 +281,11 @@ def merge_parallel(c: Communicator, open_source: Callable[[], Any], dst: str, *,
                     store = stage.store if stage is not None else parent.sub(info["tmp"])
                     if fmt == "distckpt":
                         rep = merge_distckpt(c, store, source, read_factory(source), save_id=info["save_id"])
+                    elif fmt == "hf":
+                        from .hf import METADATA
+
+                        rep = {"files": merge_sharded(c, store, items, {}, stem="model", ext="safetensors",
+                                                      max_shard_size=shard or 0, metadata=METADATA)}
                     elif shard:
                         stem = source.name if fmt == "ckpt" else "model"
                         rep = {"files": merge_sharded(c, store, items, source.values, stem=stem, ext=fmt,
@@ -303,6 +310,11 @@ def merge_parallel(c: Communicator, open_source: Callable[[], Any], dst: str, *,
                     finally:
                         os.close(fd)
                 names = [os.path.basename(dst)]
+            elif fmt == "hf":
+                names = _weight_index(stage.store, items, {}, reports[0]["r"]["files"], stem="model",
+                                      ext="safetensors", shard=shard or 0)
+                stage.store.put_atomic("config.json", hf_config)
+                names.append("config.json")
             elif fmt == "distckpt":
                 index = _commit.build_index(
                     [x["r"] for x in reports], save_id=info["save_id"], world_size=1, checksum="crc32c",

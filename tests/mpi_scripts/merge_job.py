@@ -13,6 +13,8 @@ ap.add_argument("dst")
 ap.add_argument("--shard")
 ap.add_argument("--format")
 ap.add_argument("--fail-rank", type=int, default=-1)
+ap.add_argument("--model")
+ap.add_argument("--hf-config")
 args = ap.parse_args()
 rank = get_comm().rank
 if rank == args.fail_rank:
@@ -24,7 +26,8 @@ if rank == args.fail_rank:
     par.merge_file = boom
     par.merge_sharded = boom
 try:
-    rep = distckpt.merge(args.src, args.dst, max_shard_size=args.shard, format=args.format)
+    extra = {"model": args.model, "hf_config": args.hf_config} if args.model else {}
+    rep = distckpt.merge(args.src, args.dst, max_shard_size=args.shard, format=args.format, **extra)
     print(f"RANK {rank} FILES {rep['files']} RANKS {rep['ranks']}", flush=True)
 except distckpt.DistCkptError as exc:
     print(f"RANK {rank} ERROR {exc}", flush=True)

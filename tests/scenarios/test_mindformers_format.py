@@ -240,28 +240,3 @@ def test_hostile_input_is_refused_with_one_line_and_nothing_written(saved, tmp_p
     assert not Path("PWNED").exists() and not (tmp_path / "PWNED").exists()
 
 
-def test_readme_examples_run(saved, tmp_path, capsys):
-    """The commands of the README's "MindFormers' own checkpoint format" section, as written."""
-    import shlex
-
-    strategies = saved[2]
-    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = text.split("## MindFormers' own checkpoint format", 1)[1].split("\n## ", 1)[0]
-    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
-    commands = [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
-    assert len(commands) >= 6 and all(c[0] == "distckpt" for c in commands)
-    root = tmp_path / "out" / "checkpoint"  # a root with iterations 20 and 30 (the tracker's)
-    first = make_mf_checkpoint(root, layout="mp4", balanced=True, iteration=20, seed=1)
-    last = make_mf_checkpoint(root, layout="mp4", balanced=True, iteration=30, seed=2)
-    shutil.copy(strategies["mp4"], tmp_path / "mp4.ckpt")
-    outputs = {}
-    for argv in commands:
-        code, out, err = _run(capsys, *argv[1:])
-        assert code == 0, (argv, err)
-        outputs[" ".join(argv[1:])] = out
-    assert outputs["list out/checkpoint"].splitlines() == ["iteration_00000020  previous", "iteration_00000030  committed"]
-    assert json.loads(outputs["inspect out/checkpoint --json"])["iteration"] == 30
-    _mindformers_loads(tmp_path / "merged", last)
-    _mindformers_loads(tmp_path / "out" / "mp4", last)
-    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "out" / "dck" / "distckpt.index.json").is_file()
-    assert not any(_same(first[n], last[n]) for n in last if first[n].size > 1)  # the two iterations differ

@@ -83,3 +83,25 @@ def test_split_by_bytes_is_contiguous_and_balanced():
     assert max(sums) - min(sums) <= max(sizes)
     assert split_by_bytes([], 2) == [range(0, 0), range(0, 0)]
     assert [len(r) for r in split_by_bytes([1, 1], 4)].count(0) == 2
+
+
+def test_two_ranks_export_the_hf_shards_one_rank_exports(tmp_path):
+    """issue 16: under mpirun the ranks write the HF shards in parallel, byte for byte as one rank does."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, vocab_size=256)
+    Qwen3ForCausalLM(cfg).save_pretrained(tmp_path / "hf", max_shard_size="200KB")
+    mf = tmp_path / "mf"
+    distckpt.merge(tmp_path / "hf", mf, format="distckpt", model="qwen3")  # MindFormers names, fused weights
+    args = [mf, None, "--shard", "60KB", "--format", "hf", "--model", "qwen3", "--hf-config", tmp_path / "hf" / "config.json"]
+    one = run(1, *[tmp_path / "one" if a is None else a for a in args])
+    two = run(2, *[tmp_path / "two" if a is None else a for a in args])
+    assert one.returncode == 0 and two.returncode == 0, one.stdout + one.stderr + two.stdout + two.stderr
+    names = sorted(os.listdir(tmp_path / "one"))
+    assert len([n for n in names if n.endswith(".safetensors")]) > 2 and "model.safetensors.index.json" in names
+    assert names == sorted(os.listdir(tmp_path / "two"))
+    assert all(filecmp.cmp(tmp_path / "one" / n, tmp_path / "two" / n, shallow=False) for n in names)
+    back = distckpt.load(tmp_path / "two")
+    want = distckpt.load(tmp_path / "hf")
+    assert sorted(back) == sorted(want) and all(back[k].tobytes() == want[k].tobytes() for k in want)
