@@ -340,6 +340,17 @@ class TensorSpecs:
     def __len__(self) -> int:
         return int(self.shapes.shape[0])
 
+    def take(self, ids: Sequence[int]) -> TensorSpecs:
+        """The tensors ``ids`` (in that order) as specs of their own (already validated: no checks)."""
+        idx = np.asarray(ids, dtype=np.int64).reshape(-1)
+        ndims = self.ndims[idx]
+        D = int(ndims.max(initial=0))
+        arrs = [self.shapes[idx][:, :D], ndims, self.itemsizes[idx], self.numels[idx]]
+        for a in arrs:
+            a.flags.writeable = False
+        names = tuple(self.names[i] for i in idx.tolist()) if self.names is not None else None
+        return TensorSpecs(arrs[0], arrs[1], arrs[2], arrs[3], names)
+
     def shape(self, t: int) -> tuple[int, ...]:
         return tuple(int(v) for v in self.shapes[t, : self.ndims[t]])
 

@@ -252,28 +252,40 @@ def unpack_report(buf: Any, *, where: str) -> tuple[dict, memoryview, memoryview
 
 
 # ------------------------------------------------------------------ the commit at scale
+_MAX_DIM = 1 << 62
+_DTYPES = frozenset(dtypes.DTYPES)
+
+
 def _shape(x: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(x, list) or len(x) > 32 or not all(type(v) is int and 0 <= v <= 1 << 62 for v in x):
-        raise FormatError(f"{what}: shape {str(x)[:80]} must be a list of at most 32 integers in [0, 2**62]")
-    return tuple(x)
+    if type(x) is list and len(x) <= 32:
+        for v in x:
+            if type(v) is not int or v < 0 or v > _MAX_DIM:
+                break
+        else:
+            return tuple(x)
+    raise FormatError(f"{what}: shape {str(x)[:80]} must be a list of at most 32 integers in [0, 2**62]")
 
 
 def _tensor_list(tensors: Any, where: str) -> tuple[list[str], list[str], list[tuple[int, ...]]]:
-    if not isinstance(tensors, list):
+    """A report's ``[[name, dtype, shape], ...]``, every entry checked (a few hundred ns each: the commit
+    checks one per rank and tensor)."""
+    if type(tensors) is not list:
         raise FormatError(f"{where}: 'tensors' must be a list of [name, dtype, shape]")
-    names, dts, shapes = [], [], []
-    seen: set[str] = set()
+    names: list[str] = []
+    dts: list[str] = []
+    shapes: list[tuple[int, ...]] = []
     for e in tensors:
-        if not (isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and isinstance(e[1], str)):
+        if type(e) is not list or len(e) != 3 or type(e[0]) is not str or type(e[1]) is not str:
             raise FormatError(f"{where}: tensor entry {str(e)[:80]} is not [name, dtype, shape]")
-        if e[1] not in dtypes.DTYPES:
+        if e[1] not in _DTYPES:
             raise FormatError(f"{where}: tensor {e[0]!r} has unknown dtype {e[1]!r}")
-        if e[0] in seen:
-            raise FormatError(f"{where}: tensor {e[0]!r} is listed twice")
-        seen.add(e[0])
         names.append(e[0])
         dts.append(e[1])
         shapes.append(_shape(e[2], f"{where}: tensor {e[0]!r}"))
+    if len(set(names)) != len(names):
+        seen: set[str] = set()
+        dup = next(n for n in names if n in seen or seen.add(n))  # type: ignore[func-returns-value]
+        raise FormatError(f"{where}: tensor {dup!r} is listed twice")
     return names, dts, shapes
 
 
@@ -295,57 +307,82 @@ def _file_list(files: Any, where: str) -> tuple[list[str], list[int]]:
 class IndexBuilder:
     """Rank 0's side of a commit: the union of the ranks' tensors, then their chunk tables merged.
 
-    ``declared`` yields ``(rank, tensors, where)`` for every report (``tensors`` as in the report
-    head); every rank must describe a tensor with the same dtype and global shape.  Then
-    :meth:`add` each report (in any order, each once), then :meth:`finish`.
+    :meth:`declare` every report's tensors (``declared`` does it for an iterable of ``(rank,
+    tensors, where)`` at once; ``tensors`` as in a report head): every rank must describe a tensor
+    with the same dtype and global shape.  Then :meth:`add` each report (in any order, each once),
+    then :meth:`finish`.  Only the union is kept from the declarations, so a caller may stream them.
     """
 
-    def __init__(self, declared: Iterable[tuple[int, Any, str]], *, where: str):
+    def __init__(self, declared: Iterable[tuple[int, Any, str]] = (), *, where: str):
         self.where = where
-        seen: dict[str, tuple[str, tuple[int, ...], int]] = {}
+        self._seen: dict[str, tuple[str, tuple[int, ...], int]] = {}
+        self._merger: TableMerger | None = None
         for rank, tensors, rw in declared:
-            for n, dt, shape in zip(*_tensor_list(tensors, rw)):
-                old = seen.get(n)
-                if old is None:
-                    seen[n] = (dt, shape, rank)
-                elif old[:2] != (dt, shape):
-                    raise StrategyError(
-                        f"{where}: {n}: rank {rank} saved it as {dt}{list(shape)}, rank {old[2]} as "
-                        f"{old[0]}{list(old[1])}: every rank must describe the same global tensor"
-                    )
-        self.names = sorted(seen)
-        self.dtypes = [seen[n][0] for n in self.names]
-        self.ids = {n: i for i, n in enumerate(self.names)}
-        try:
-            specs = TensorSpecs.of([seen[n][1] for n in self.names], [dtypes.itemsize(d) for d in self.dtypes],
-                                   self.names, where=where)
-        except LayoutError as exc:
-            raise FormatError(str(exc)) from None
-        self.merger = TableMerger(specs, where=where)
+            self.declare(rank, tensors, rw)
         self.file_names: list[str] = []
         self.file_sizes: list[int] = []
         self.file_ranks: list[int] = []
         self._files: set[str] = set()
 
+    def declare(self, rank: int, tensors: Any, where: str) -> None:
+        """The tensors one rank reports chunks of (before any :meth:`add`)."""
+        if self._merger is not None:
+            raise LayoutError(f"{self.where}: every report must be declared before the first is added")
+        seen = self._seen
+        for n, dt, shape in zip(*_tensor_list(tensors, where)):
+            old = seen.get(n)
+            if old is None:
+                seen[n] = (dt, shape, rank)
+            elif old[:2] != (dt, shape):
+                raise StrategyError(
+                    f"{self.where}: {n}: rank {rank} saved it as {dt}{list(shape)}, rank {old[2]} as "
+                    f"{old[0]}{list(old[1])}: every rank must describe the same global tensor"
+                )
+
+    @property
+    def merger(self) -> TableMerger:
+        """The merge, begun once every report is declared (the tensors are then known)."""
+        if self._merger is None:
+            seen = self._seen
+            self.names = sorted(seen)
+            self.dtypes = [seen[n][0] for n in self.names]
+            self.ids = {n: i for i, n in enumerate(self.names)}
+            try:
+                specs = TensorSpecs.of([seen[n][1] for n in self.names], [dtypes.itemsize(d) for d in self.dtypes],
+                                       self.names, where=self.where)
+            except LayoutError as exc:
+                raise FormatError(str(exc)) from None
+            self._merger = TableMerger(specs, where=self.where)
+        return self._merger
+
     def add(self, rank: int, files: Any, tensors: Any, table_blob: Any, crc_blob: Any, *, where: str) -> None:
         """Open one rank's report (its head's ``files`` and ``tensors``, its two blobs), check it, merge it."""
         fnames, fsizes = _file_list(files, where)
         names, dts, shapes = _tensor_list(tensors, where)
+        merger, seen = self.merger, self._seen
+        ids = []
+        for n, dt, shape in zip(names, dts, shapes):
+            g = seen.get(n)
+            if g is None or g[0] != dt or g[1] != shape:
+                raise FormatError(f"{where}: tensor {n!r} {dt}{list(shape)} is not the one declared for the save "
+                                  f"({'none' if g is None else f'{g[0]}{list(g[1])}'})")
+            ids.append(self.ids[n])
         if not len(table_blob):
             if names:
                 raise FormatError(f"{where}: the report lists tensors but holds no chunk table")
             table = None
         else:
             try:
-                specs = TensorSpecs.of(shapes, [dtypes.itemsize(d) for d in dts], names, where=where)
                 table = ChunkTable.from_buffer(table_blob, crc_blob, n_tensors=len(names), file_sizes=fsizes,
-                                               tensor_shapes=specs, file_names=fnames, where=where, partial=True)
+                                               tensor_shapes=merger.specs.take(ids), file_names=fnames, where=where,
+                                               partial=True)
             except LayoutError as exc:
                 raise FormatError(str(exc)) from None
         self.add_table(rank, fnames, fsizes, names, table, where=where)
 
     def add_table(self, rank: int, fnames: list[str], fsizes: list[int], names: list[str], table: ChunkTable | None,
                   *, where: str) -> None:
+        merger = self.merger
         for f in fnames:
             if f in self._files:
                 raise FormatError(f"{where}: data file {f!r} is reported twice")
@@ -360,11 +397,11 @@ class IndexBuilder:
             except KeyError as exc:
                 raise FormatError(f"{where}: tensor {exc.args[0]!r} was not declared") from None
             try:
-                self.merger.add(table, ids)
+                merger.add(table, ids)
             except LayoutError as exc:
                 raise FormatError(str(exc)) from None
         elif fnames:
-            self.merger.n_files += len(fnames)  # files without chunks (an empty data file) keep their place
+            merger.n_files += len(fnames)  # files without chunks (an empty data file) keep their place
         self.file_names += fnames
         self.file_sizes += fsizes
         self.file_ranks += [rank] * len(fnames)
@@ -375,8 +412,9 @@ class IndexBuilder:
         encoded as by :func:`values_json`)."""
         decoded = {k: decode_value(k, v) for k, v in values.items()}
         _check_metadata(metadata, self.where)
+        merger = self.merger
         try:
-            table = self.merger.finish(file_sizes=self.file_sizes, file_rank=np.asarray(self.file_ranks, np.int64),
+            table = merger.finish(file_sizes=self.file_sizes, file_rank=np.asarray(self.file_ranks, np.int64),
                                        file_names=self.file_names)
             table.check()
         except LayoutError as exc:
@@ -596,7 +634,6 @@ def _read_manifest(store: Store, name: str) -> dict:
                 raise FormatError(f"{where}: manifest field report.{key} must be a non-negative integer")
         if not isinstance(doc.get("strategy_sha256"), str):
             raise FormatError(f"{where}: manifest field 'strategy_sha256' is missing")
-        _tensor_list(doc["tensors"], where)
     values = doc.get("values", {})
     if not isinstance(values, dict):
         raise FormatError(f"{where}: manifest field 'values' must be an object")
@@ -640,7 +677,7 @@ def _declared(doc: dict) -> Any:
     return [[n, *v] if isinstance(v, list) else [n, v, None] for n, v in doc["tensors"].items() if doc["chunks"].get(n)]
 
 
-def _manifest_report(store: Store, doc: dict, name: str) -> tuple[list, list, memoryview, memoryview, str]:
+def _manifest_report(store: Store, doc: dict, name: str) -> tuple[Any, Any, memoryview, memoryview, str]:
     """``(files, tensors, table blob, crc blob, where)`` of one manifest, reading its report blob."""
     rep = doc["report"]
     where = store.child_url(rep["name"])
@@ -654,10 +691,10 @@ def _manifest_report(store: Store, doc: dict, name: str) -> tuple[list, list, me
     if _crc.crc32c(data) != rep["crc32c"]:
         raise NotCommittedError(f"{where}: crc32c differs from the manifest's; re-run rank {doc['rank']}'s save")
     head, tb, cb = unpack_report(data, where=where)
-    if head.get("rank") != doc["rank"] or head.get("save_id") != doc["save_id"]:
-        raise FormatError(f"{where}: the report is rank {head.get('rank')!r}'s of save {head.get('save_id')!r}, "
-                          f"not the manifest's")
-    return doc["files"], doc["tensors"], tb, cb, where
+    if head.get("rank") != doc["rank"] or head.get("save_id") != doc["save_id"] or head.get("files") != doc["files"]:
+        raise FormatError(f"{where}: the report is rank {head.get('rank')!r}'s of save {head.get('save_id')!r} "
+                          f"(files {str(head.get('files'))[:80]}), not the manifest's")
+    return head["files"], head.get("tensors"), tb, cb, where
 
 
 def finalize(path, *, storage_options: dict | None = None) -> dict:
@@ -669,7 +706,15 @@ def finalize(path, *, storage_options: dict | None = None) -> dict:
     names = sorted(n for n in listing if naming.is_manifest(n))
     if not names:
         raise NotCommittedError(f"{store.url}: no rank manifests to finalize (did every rank call save(rank=...)?)")
-    heads = [_read_manifest(store, n) for n in names]
+    where = store.child_url(naming.INDEX_NAME)
+    builder = IndexBuilder(where=where)
+    heads = []
+    for n in names:  # the heads only; a report's tensor list is read again from its own blob (pass 2)
+        h = _read_manifest(store, n)
+        builder.declare(h["rank"], _declared(h), store.child_url(n))
+        if "report" in h:
+            del h["tensors"]
+        heads.append(h)
     world = heads[0]["world_size"]
     for n, r in zip(names, heads):
         if r["world_size"] != world:
@@ -692,14 +737,12 @@ def finalize(path, *, storage_options: dict | None = None) -> dict:
     for r in heads:
         if r["strategy_sha256"] != base["strategy_sha256"] or r["world_size"] != world:
             raise StrategyError(f"{store.url}: rank {r['rank']} saved with a different strategy or world size than rank 0")
-    where = store.child_url(naming.INDEX_NAME)
     junk = names + [naming.manifest_table_file(h["rank"], h["save_id"]) for h in heads if "report" in h]
     junk += [naming.save_marker(h["save_id"]) for h in heads]
     done = _index_of(store)
     if done is not None and done.save_id == base["save_id"]:  # committed before; only the clean-up was lost
         store.remove(junk)
         return {"path": store.url, "tensors": len(done.tensors), "files": len(done.files)}
-    builder = IndexBuilder(((h["rank"], _declared(h), store.child_url(n)) for n, h in zip(names, heads)), where=where)
     for n, h in zip(names, heads):  # one report in memory at a time
         if "report" in h:
             f, t, tb, cb, rw = _manifest_report(store, h, n)
