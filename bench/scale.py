@@ -361,6 +361,10 @@ def _ok(good: bool) -> str:
     return "yes" if good else "**no**"
 
 
+def _crc_col(c: dict) -> str:
+    return f"{c['finalize']['crc_bytes'] / c['chunks']:.1f}" if c["version"] == 2 else "(in the JSON)"
+
+
 def report(res: dict) -> str:
     rs = {r["world"]: r for r in res["rank_save"]}
     lines = ["# Scale: thousands of ranks, millions of chunks (issue 15)", "",
@@ -386,7 +390,8 @@ def report(res: dict) -> str:
         lines.append(
             f"| {c['world']} x {c['tensors']} | {c['chunks']:,} | v{c['version']} | {s['wall_s']:.1f} | "
             f"{s['rank_cpu_median_s']:.3f} | {f['wall_s']:.2f} ({f['cpu_s']:.2f}) | {f['peak_rss_mib']:.0f} | "
-            f"{f['index_bytes_per_chunk']:.1f} | {f['crc_bytes'] / c['chunks']:.1f} | {ld['plan_wall_s']:.2f} | "
+            f"{f['index_bytes_per_chunk']:.1f} | {_crc_col(c)} | "
+            f"{ld['plan_wall_s']:.2f} | "
             f"{ld['load_wall_s']:.2f} | {ld['peak_rss_mib']:.0f} |")
     big = next((c for c in res["checkpoints"] if c["chunks"] == 512_000 and c["version"] == 2), None)
     if big:
@@ -426,13 +431,17 @@ def plot(res: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 5))
     rs = sorted(res["rank_save"], key=lambda r: r["world"])
     ax.plot([500 * r["world"] for r in rs], [r["cpu_s"] for r in rs], "o-", label="rank 0's save of 500 chunks (CPU)")
+    big = res.get("big")
     for ver, mk in ((2, "s-"), (1, "x")):
         cs = sorted((c for c in res["checkpoints"] if c["version"] == ver), key=lambda c: c["chunks"])
         if cs:
             ax.plot([c["chunks"] for c in cs], [c["finalize"]["wall_s"] for c in cs], mk,
                     label=f"finalize, index v{ver}")
-            ax.plot([c["chunks"] for c in cs], [c["load"]["load_wall_s"] for c in cs], mk.replace("s", "^"),
-                    label=f"one rank of W/2 loads its slices, v{ver}")
+            loads = [(c["chunks"], c["load"]["load_wall_s"]) for c in cs]
+            if ver == 2 and big:
+                loads.append((big["build"]["chunks"], big["plan"]["load_wall_s"]))
+            ax.plot([x for x, _ in loads], [y for _, y in loads], mk.replace("s", "^"),
+                    label=f"one rank of a W/2-rank layout loads its slices, v{ver}")
     pts = [(c["chunks"], c["load"]["plan_wall_s"]) for c in res["checkpoints"] if c["version"] == 2]
     if res.get("big"):
         pts.append((res["big"]["build"]["chunks"], res["big"]["plan"]["plan_wall_s"]))
@@ -457,6 +466,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller worlds, no 10^7 case")
     ap.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir)")
     ap.add_argument("--out", default=RESULTS, help="where scale.md / scale.json / scale.png go")
+    ap.add_argument("--render", action="store_true", help="only re-render scale.md / scale.png from scale.json in --out")
     ap.add_argument("--child", nargs=3, metavar=("TASK", "ARGS", "OUT"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
@@ -464,6 +474,13 @@ def main(argv=None) -> int:
         res = TASKS[task](json.loads(args))
         with open(out, "w") as f:
             json.dump(res, f)
+        return 0
+    if a.render:
+        with open(os.path.join(a.out, "scale.json")) as f:
+            res = json.load(f)
+        with open(os.path.join(a.out, "scale.md"), "w") as f:
+            f.write(report(res))
+        plot(res, os.path.join(a.out, "scale.png"))
         return 0
     work = a.workdir or tempfile.mkdtemp(prefix="distckpt-scale-")
     os.makedirs(a.out, exist_ok=True)
