@@ -21,12 +21,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from distckpt import chunktable as ct
 from distckpt.chunktable import (
     CRC_FORMAT,
     TABLE_FORMAT,
     ChunkRecord,
     ChunkTable,
     Segments,
+    TableMerger,
     TensorSpecs,
     concat,
 )
@@ -316,6 +318,98 @@ def test_partial_tables_and_concat_equal_the_whole():
     with pytest.raises(LayoutError, match="different tensors"):
         other = ChunkTable.from_records([], tensor_shapes=[(6, 4), (6,)], tensor_itemsizes=items, file_sizes=[], partial=True)
         concat([reopened[0], other])
+
+
+def test_merger_of_ranks_with_their_own_tensors_equals_the_whole():
+    """Each rank's table lists only the tensors it wrote (its own ids, its own ndim); the merge maps
+    them onto the union and equals the table built from every record at once."""
+    shapes, items = [(6, 4), (5,), (2, 3, 4)], [4, 2, 1]
+    boxes = {0: _grid_boxes((6, 4), (3, 1)), 1: [((0,), (2,)), ((2,), (3,))], 2: _grid_boxes((2, 3, 4), (1, 3, 1))}
+    owner = {(0, 0): 0, (0, 1): 1, (0, 2): 2, (1, 0): 2, (1, 1): 2, (2, 0): 1, (2, 1): 0, (2, 2): 0}
+    pos = [0, 0, 0]
+    all_recs, per_rank = [], {0: [], 1: [], 2: []}
+    segs = {(1, 1)}  # one segmented chunk travels with its rank
+    for t, bx in boxes.items():
+        for k, (o, sz) in enumerate(bx):
+            r = owner[(t, k)]
+            n = math.prod(sz) * items[t]
+            seg = ((pos[r], 2), (pos[r] + 5, n - 2)) if (t, k) in segs else ((pos[r], n),)
+            pos[r] += n + (3 if (t, k) in segs else 0)
+            crcs = tuple(range(100 * r + k, 100 * r + k + (-(-n // 4)))) if (t + k) % 2 else None
+            all_recs.append(ChunkRecord(t, o, sz, r, seg, crcs, 4 if crcs else 0))
+            per_rank[r].append((t, ChunkRecord(0, o, sz, 0, seg, crcs, 4 if crcs else 0)))
+    specs = TensorSpecs.of(shapes, items, ["a", "b", "c"])
+    merger = TableMerger(specs, where="m")
+    for r in (2, 0, 1):  # any order; files numbered in the order added
+        mine = sorted({t for t, _ in per_rank[r]})
+        local = TensorSpecs.of([shapes[t] for t in mine], [items[t] for t in mine])
+        recs = [ChunkRecord(mine.index(t), rec.offsets, rec.sizes, 0, rec.segments, rec.crcs, rec.block_size)
+                for t, rec in per_rank[r]]
+        tb = ChunkTable.from_records(recs, tensor_shapes=local, file_sizes=[pos[r]], file_rank=[r], partial=True)
+        tb2 = ChunkTable.from_buffer(*tb.to_bytes(), n_tensors=len(mine), file_sizes=[pos[r]], tensor_shapes=local,
+                                     where=f"r{r}", partial=True)
+        assert merger.add(tb2, mine) == [2, 0, 1].index(r)
+        del tb, tb2
+    merged = merger.finish(file_sizes=[pos[2], pos[0], pos[1]], file_rank=[2, 0, 1])
+    merged.check(files=True)
+    slot = {2: 0, 0: 1, 1: 2}
+    whole = ChunkTable.from_records([ChunkRecord(r.tensor, r.offsets, r.sizes, slot[r.file], r.segments, r.crcs,
+                                                 r.block_size) for r in all_recs],
+                                    tensor_shapes=specs, file_sizes=[pos[2], pos[0], pos[1]], file_rank=[2, 0, 1])
+    assert merged.to_records() == whole.to_records()
+    # a table whose tensor is not the merged one's shape is refused, naming it
+    bad = ChunkTable.from_records([], tensor_shapes=[(6, 5)], tensor_itemsizes=[4], file_sizes=[], partial=True,
+                                  where="bad")
+    with pytest.raises(LayoutError, match="bad"):
+        TableMerger(specs, where="m").add(bad, [0])
+
+
+def test_specs_take_and_crc_range():
+    specs = TensorSpecs.of([(4,), (2, 3, 5), ()], [2, 4, 8], ["x", "y", "z"])
+    sub = specs.take([2, 0])
+    assert sub.names == ("z", "x") and sub.shapes.shape == (2, 1) and sub.shape(1) == (4,) and sub.shape(0) == ()
+    assert sub.same(TensorSpecs.of([(), (4,)], [8, 2]))
+    table, recs, shapes, items, fsz = _table(TENSORS)
+    assert table.crc_range(0, table.n_crcs).tolist() == table.crcs.tolist()
+    tb, cb = table.to_bytes()
+    bare = _open((tb, None), shapes, items, fsz)
+    reads = []
+
+    def read(off, n):
+        reads.append((off, n))
+        return cb[off : off + n]
+
+    assert bare.crc_range(3, 7, read=read).tolist() == table.crcs[3:7].tolist()
+    assert reads[-1][1] == 16
+    with pytest.raises(LayoutError, match="outside"):
+        table.crc_range(0, table.n_crcs + 1)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_few_requests_search_like_many(seed, monkeypatch):
+    """Lookups of a few boxes search each tensor's rows with a scalar bisection; the vectorized
+    bisection of big batches must find the same hits."""
+    table, recs, shapes, *_ = _table(TENSORS, seed=seed)
+    rnd = random.Random(seed)
+    reqs = []
+    for _ in range(30):
+        t = rnd.randrange(len(TENSORS))
+        off = tuple(rnd.randint(0, n) for n in shapes[t])
+        size = tuple(rnd.randint(0, n - o) for n, o in zip(shapes[t], off))
+        reqs.append((t, off, size))
+    D = table.ndim
+
+    def pad(v, fill):
+        return list(v) + [fill] * (D - len(v))
+
+    args = ([t for t, _, _ in reqs], [pad(o, 0) for _, o, _ in reqs], [pad(s, 1) for _, _, s in reqs])
+    few = [table.overlapping_many([a], [b], [c]) for a, b, c in zip(*args)]
+    monkeypatch.setattr(ct, "_FEW", 0)
+    many = table.overlapping_many(*args)
+    for r, h in enumerate(few):
+        lo, hi = many.ptr[r], many.ptr[r + 1]
+        assert h.chunk_ids.tolist() == many.chunk_ids[lo:hi].tolist()
+        assert h.inter_offsets.tolist() == many.inter_offsets[lo:hi].tolist()
 
 
 def test_pinwheel_tiling_takes_the_exact_path():
