@@ -193,7 +193,8 @@ def writer_bytes(path: str) -> list[int]:
     world = int(root.get("world_size", 1)) if isinstance(root, dict) else 1
     per = [0] * world
     tensors = root.get("tensors") if isinstance(root, dict) else None
-    if isinstance(tensors, dict) and all(isinstance(c.get("rank"), int) for t in tensors.values() for c in t.get("chunks", [])):
+    if (isinstance(tensors, dict) and all(isinstance(t, dict) for t in tensors.values())  # v1 (v2 lists no chunks)
+            and all(isinstance(c.get("rank"), int) for t in tensors.values() for c in t.get("chunks", []))):
         for t in tensors.values():
             for c in t.get("chunks", []):
                 per[c["rank"]] += int(c["length"])

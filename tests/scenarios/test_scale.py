@@ -105,3 +105,21 @@ def test_planned_writes_cover_every_box_once():
     for world in (7, 64):
         got = sorted(it.name for r in range(world) for it in plan_writes(tensors, None, world, r))
         assert got == sorted(tensors)
+
+
+def test_scale_bench_runs_and_reports(tmp_path):
+    """``python -m bench.run --scale --quick`` writes its table, numbers and plot (numbers not judged here)."""
+    import json
+
+    root = Path(__file__).parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    res = subprocess.run([sys.executable, "-m", "bench.run", "--scale", "--quick", "--out", str(tmp_path)], cwd=root,
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    doc = json.loads((tmp_path / "scale.json").read_text())
+    assert [r["world"] for r in doc["rank_save"]] == [128, 1024]
+    assert {(c["world"], c["version"]) for c in doc["checkpoints"]} == {(64, 1), (64, 2)}
+    assert all(c["load"]["tensors"] == 200 for c in doc["checkpoints"])  # every value was checked in the child
+    md = (tmp_path / "scale.md").read_text()
+    assert "Rank 0's rank-mode save" in md and "| 64 x 200 | 12,800 | v2 |" in md
+    assert (tmp_path / "scale.png").stat().st_size > 10_000
