@@ -37,7 +37,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -255,7 +257,8 @@ def task_plan_big(a: dict) -> dict:
     nsum = 0
     for it in items:
         for _i, c, _inter in src.tensors[it.name].overlapping(it.box):
-            nsum += len(c.crcs.span(0, len(c.crcs))) if c.crcs is not None else 0
+            crcs: Any = c.crcs  # a CrcSpan: the chunk's checksums, read from the column on demand
+            nsum += len(crcs.span(0, len(crcs))) if crcs is not None else 0
     plan_wall, plan_cpu = time.perf_counter() - t0, _cpu() - c0
     plan_peak = _peak_mib()
     del src, items
@@ -318,7 +321,7 @@ def save_all(path: str, world: int, tensors: int, log_dir: str, *, index_version
     return {"wall_s": time.perf_counter() - t0, "rank_cpu_median_s": max(p["cpu_median_s"] for p in parts)}
 
 
-def measure(work: str, quick: bool, log: callable) -> dict:
+def measure(work: str, quick: bool, log: Callable[[str], None]) -> dict:
     out: dict = {"rank_save": [], "checkpoints": [], "big": None}
     logs = os.path.join(work, "logs")
     os.makedirs(logs, exist_ok=True)

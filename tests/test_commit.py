@@ -46,6 +46,7 @@ def _local(full: dict, world: int, rank: int) -> dict:
     out = {}
     for k, a in full.items():
         b = s.box(k, rank, a.shape) if k in s else Box((0,) * a.ndim, a.shape)
+        assert b is not None
         out[k] = np.ascontiguousarray(a[tuple(slice(o, o + z) for o, z in zip(b.offsets, b.sizes))])
     return out
 
