@@ -48,7 +48,7 @@ def _cuts(n: int, k: int) -> list[tuple[int, int]]:
 
 def _grid_boxes(shape, splits) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     per_dim = [_cuts(n, k) for n, k in zip(shape, splits)]
-    boxes = [((), ())]
+    boxes: list[tuple[tuple[int, ...], tuple[int, ...]]] = [((), ())]
     for pieces in per_dim:
         boxes = [(o + (po,), s + (ps,)) for o, s in boxes for po, ps in pieces]
     return boxes
