@@ -17,6 +17,9 @@
 6. limits: ``cat FILES > /dev/null`` of each checkpoint right after it was written (page-cache read),
    numpy memcpy of the same bytes (best of N), raw write + fsync (rows 1 and 3).
 7. ``balance``  max / mean bytes written per rank, from the saved checkpoints' index.
+8. ``async``  one process trains (a one-core numpy step) while ``CheckpointManager(async_save=True)``
+   saves the row-3 state in the background: step time during a save / without, and the blocked
+   time of ``save`` / a copy of the same arrays into touched buffers (the staging floor).
 
 Timing of multi-rank rows happens inside the ranks (``bench/rankjob.py``): barrier, clock, work,
 clock, barrier; the row's time is last leave - first enter.  Peak RSS is each process's
@@ -52,6 +55,8 @@ TARGETS = {
     "cooperative": 1.05,
     "vs_limit": 2.0,
     "balance": 1.25,
+    "async_step": 1.10,
+    "async_blocked": 1.2,
 }
 
 
@@ -404,6 +409,10 @@ def run_peers(a, work: str, logs: str) -> dict:
     say("row 7: writers' balance of other layouts")
     row("balance", lambda: run_child("balance", {"size": a.save_size, "dir": os.path.join(work, "balance")},
                                      logs=logs)["layouts"])
+    say(f"row 8: training steps during asynchronous saves ({a.reps} saves)")
+    one_core = {k: "1" for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    row("async", lambda: run_child("async_train", {"size": a.cell_size, "path": os.path.join(work, "async"),
+                                                   "saves": max(3, a.reps)}, logs=logs, env=one_core))
     if "multi" in res and "balance" in res:
         res["multi"]["balance"].update(res.pop("balance"))
     return res

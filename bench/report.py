@@ -7,12 +7,15 @@ medians of runs made in the same invocation; a ratio <= its target passes.
 
 from __future__ import annotations
 
+import statistics
+
 from bench.model import GiB, MiB
 from bench.peers import TARGETS, median
 
 __all__ = ["ratios", "render", "plot", "ratio_table", "readme_block", "update_readme"]
 
-GROUPS = ("vs PyTorch DCP", "vs mindformers.checkpoint", "vs machine limit", "cooperative load (S3)", "writers' balance")
+GROUPS = ("vs PyTorch DCP", "vs mindformers.checkpoint", "vs machine limit", "cooperative load (S3)", "writers' balance",
+          "async save")
 
 
 def _med(runs: list[dict], key: str = "seconds"):
@@ -101,6 +104,14 @@ def ratios(res: dict) -> list[dict]:
                         "ratio": b["max_over_mean"], "target": T["balance"], "pass": b["max_over_mean"] <= T["balance"],
                         "short": tag.split(" (")[0],
                         "unit": "", "note": ""})
+    asy = res.get("async")
+    if asy and asy.get("steps_during_save"):
+        mib = asy["bytes"] / MiB
+        add(GROUPS[5], f"training step during a background save of {mib:.0f} MiB / without (median step)",
+            statistics.median(asy["steps_during_save"]), statistics.median(asy["base_steps"]), T["async_step"],
+            short="step during save")
+        add(GROUPS[5], "blocked time of save() / copy of the same arrays into touched buffers",
+            statistics.median(asy["blocked"]), min(asy["copy_seconds"]), T["async_blocked"], short="blocked / copy")
     return out
 
 
@@ -225,6 +236,15 @@ def render(res: dict) -> str:
         L.append("|---|---:|---:|")
         for size, sec in p["memcpy"].items():
             L.append(f"| {int(size) / MiB:,.0f} MiB | {sec:.4f} | {int(size) / sec / GiB:.2f} |")
+    asy = p.get("async")
+    if asy and asy.get("steps_during_save"):
+        L.append(f"\n### Row 8: training steps during asynchronous saves of {asy['bytes'] / MiB:.0f} MiB "
+                 "(one process; the step: numpy matmuls on one core)\n")
+        L.append("| | n | median s | min s | max s |")
+        L.append("|---|---:|---:|---:|---:|")
+        for label, xs in (("step, no save in flight", asy["base_steps"]), ("step during a background save", asy["steps_during_save"]),
+                          ("save() blocked", asy["blocked"]), ("copy into touched buffers", asy["copy_seconds"])):
+            L.append(f"| {label} | {len(xs)} | {statistics.median(xs):.4f} | {min(xs):.4f} | {max(xs):.4f} |")
     if mu and mu.get("balance"):
         L.append("\n### Row 7: bytes written per rank\n")
         L.append("| layout | MiB per rank | max / mean |")

@@ -236,7 +236,7 @@ class CheckpointManager:
             self._error = exc
         finally:
             job.pieces = []
-            writer.release()
+            writer.release(keep=True)  # the next save stages into the same (faulted-in) memory
 
     def _save_now(self, step: int, job: SaveJob, meta: dict, write=None) -> None:
         job.run() if write is None else job.run(writer=write)

@@ -45,6 +45,32 @@ def test_async_save_is_exact_and_written_by_another_process(tmp_path):
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"{_PREFIX}{os.getpid()}_")]  # segments freed
 
 
+
+def test_the_next_save_stages_into_the_last_segment_and_close_frees_it(tmp_path):
+    """The spare segment: reused by a save of about the same size (no fresh pages to fault in), replaced
+    for a much larger one, never shared by two saves' data, freed by close."""
+    ours = lambda: sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"{_PREFIX}{os.getpid()}_"))  # noqa: E731
+    big = {"w": np.arange(3 << 20, dtype=np.float32).reshape(3, -1)}
+    with CheckpointManager(tmp_path / "run", async_save=True, max_to_keep=5) as mgr:
+        states = {1: _state(1), 2: _state(2)}
+        mgr.save(1, states[1])
+        mgr.wait()
+        first = ours()
+        assert len(first) == 1  # kept after the save, for the next one
+        mgr.save(2, states[2])
+        mgr.wait()
+        assert ours() == first  # the same segment again
+        mgr.save(3, big)  # 12 MiB: more than the spare holds -> a new segment, the old one freed
+        mgr.wait()
+        assert len(ours()) == 1 and ours() != first
+        got = {s: mgr.restore(s) for s in (1, 2, 3)}
+    assert not ours()
+    for s, st in states.items():
+        for k, v in st.items():
+            assert _same(got[s][k], v) if isinstance(v, np.ndarray) else got[s][k] == v, (s, k)
+    assert _same(got[3]["w"], big["w"])
+
+
 def test_only_the_pieces_a_rank_writes_are_staged():
     strat = distckpt.Strategy({"w": distckpt.ParamSpec("w", distckpt.TensorLayout((2,), (0, -1)))})
     state = {"w": np.ones((2, 3), np.float32), "r": np.ones(1000, np.float32)}  # w split in two, r replicated

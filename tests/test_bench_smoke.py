@@ -75,8 +75,14 @@ def test_peer_rows_smoke(tmp_path):
         assert b["max_over_mean"] >= 1.0 and len(b["per_rank"]) in (4, 8)
     assert sum(bal["row shards (the row-1 save)"]["per_rank"]) >= mu["model_bytes"]
 
+    asy = p["async"]
+    assert asy["latest_step"] == 3 and asy["bytes"] == ce["model_bytes"]  # three async saves committed (+ the warm-up)
+    assert len(asy["blocked"]) == 3 and len(asy["base_steps"]) == 15 and len(asy["copy_seconds"]) == 3
+    assert all(x > 0 for x in [*asy["blocked"], *asy["base_steps"], *asy["steps_during_save"]])
+
     groups = {r["group"] for r in res["ratios"]}
     assert {"vs machine limit", "cooperative load (S3)", "writers' balance"} <= groups
+    assert ("async save" in groups) == bool(asy["steps_during_save"])
     assert ("vs PyTorch DCP" in groups) == torch and ("vs mindformers.checkpoint" in groups) == mf
     if not torch:
         assert "torch not installed" in p["skipped"]["dcp"] and "torch not installed" in md
