@@ -633,9 +633,15 @@ def test_every_rank_exits_with_its_own_status_after_a_timeout(tmp_path):
     for r in (0, 2, 3):
         assert real[r]["rc"] == intents[r]["code"], (r, real, proc.stderr[-3000:])
         assert "collective 'save.commit' (#1) timed out after 3 s: rank(s) 1 did not arrive" in intents[r]["error"]
-    assert real[1]["rc"] < 0  # still asleep: mpirun's teardown killed it
+    # Rank 1 is in user code (asleep), not in distckpt: mpirun's teardown normally kills it about 0.25 s
+    # after the first non-zero exit.  In two loaded full-suite runs OpenMPI 5's prterun (launching these
+    # wrapped ranks) did not, and rank 1 ended on its own when its sleep was over: it met the broken
+    # communicator at once (its peers' BYE) and exited 3.  Either way the job ends; what distckpt owes
+    # is checked above and here: the ranks that left did so within seconds, each with its own status.
+    assert real[1]["rc"] < 0 or real[1]["rc"] == 3, real[1]
     first_error = min(i["t"] for i in intents.values())
-    assert max(x["t"] for x in real.values()) - first_error < 10
+    assert max(real[r]["t"] for r in (0, 2, 3)) - first_error < 10
+    assert real[1]["rc"] == 3 or real[1]["t"] - first_error < 10
 
 
 @needs_mpi
