@@ -186,6 +186,7 @@ import builtins
 import contextlib
 import hashlib
 import importlib
+import itertools
 import json
 import logging
 import os
@@ -1300,19 +1301,10 @@ class MPIComm(Communicator):
         if size == 1:
             return [bytes(data)]
         if maxsize <= _SMALL:
-            slot = 8 + maxsize
-            sbuf = bytearray(slot)
-            sbuf[:8] = struct.pack("<Q", len(data))
-            sbuf[8 : 8 + len(data)] = data
-            rbuf = bytearray(slot * size) if me else None
+            sbuf = _slot(data, maxsize)
+            rbuf = bytearray(len(sbuf) * size) if me else None
             self._run(lambda: self._comm.Igather([sbuf, MPI.BYTE], [rbuf, MPI.BYTE] if me else None, root=root), op)
-            if rbuf is None:
-                return None
-            out = []
-            for r in range(size):
-                (n,) = struct.unpack_from("<Q", rbuf, r * slot)
-                out.append(bytes(rbuf[r * slot + 8 : r * slot + 8 + n]))
-            return out
+            return _unslot(rbuf, len(sbuf), size) if rbuf is not None else None
         lens = bytearray(8 * size) if me else None
         mine = struct.pack("<Q", len(data))
         self._run(lambda: self._comm.Igather([mine, MPI.BYTE], [lens, MPI.BYTE] if me else None, root=root), op)
@@ -1324,7 +1316,7 @@ class MPIComm(Communicator):
             lo = k * piece
             part = view[lo : lo + piece]
             cnt = [max(0, min(c - lo, piece)) for c in counts]
-            displs = [sum(cnt[:r]) for r in range(size)]
+            displs = _displacements(cnt)
             rbuf = bytearray(max(sum(cnt), 1) if me else 0)
             recv = [rbuf, (cnt, displs), MPI.BYTE] if me else None
             self._run(self._igatherv(part, recv, root), op)
@@ -1341,14 +1333,10 @@ class MPIComm(Communicator):
         if size == 1:
             return [bytes(data)]
         if maxsize <= _SMALL:
-            slot = 8 + maxsize
-            sbuf = bytearray(slot)
-            sbuf[:8] = struct.pack("<Q", len(data))
-            sbuf[8 : 8 + len(data)] = data
-            rbuf = bytearray(slot * size)
+            sbuf = _slot(data, maxsize)
+            rbuf = bytearray(len(sbuf) * size)
             self._run(lambda: self._comm.Iallgather([sbuf, MPI.BYTE], [rbuf, MPI.BYTE]), op)
-            return [bytes(rbuf[r * slot + 8 : r * slot + 8 + struct.unpack_from("<Q", rbuf, r * slot)[0]])
-                    for r in range(size)]
+            return _unslot(rbuf, len(sbuf), size)
         lens = bytearray(8 * size)
         self._run(lambda: self._comm.Iallgather([struct.pack("<Q", len(data)), MPI.BYTE], [lens, MPI.BYTE]), op)
         counts = list(struct.unpack(f"<{size}Q", lens))
@@ -1357,7 +1345,7 @@ class MPIComm(Communicator):
                 f"allgather {op.name!r}: {sum(counts)} bytes in all is too much for one collective (limit 2 GiB); "
                 f"gather to one rank instead"
             )
-        displs = [sum(counts[:r]) for r in range(size)]
+        displs = _displacements(counts)
         out = bytearray(max(sum(counts), 1))
         self._run(lambda: self._comm.Iallgatherv([data, MPI.BYTE], [out, (counts, displs), MPI.BYTE]), op)
         return [bytes(out[d : d + c]) for d, c in zip(displs, counts)]
@@ -1424,6 +1412,24 @@ class MPIComm(Communicator):
                 except Exception:  # noqa: BLE001
                     log.debug("rank %d: could not cancel a receive", self.rank, exc_info=True)
         self._notice_req = self._wake_req = None
+
+
+def _slot(data: bytes | memoryview, maxsize: int) -> bytearray:
+    """``data`` in a fixed-size slot (8-byte little-endian length, then the bytes) for Igather/Iallgather."""
+    sbuf = bytearray(8 + maxsize)
+    sbuf[:8] = struct.pack("<Q", len(data))
+    sbuf[8 : 8 + len(data)] = data
+    return sbuf
+
+
+def _unslot(rbuf: bytearray, slot: int, size: int) -> list[bytes]:
+    """The ``size`` payloads of gathered :func:`_slot` buffers."""
+    return [bytes(rbuf[r * slot + 8 : r * slot + 8 + struct.unpack_from("<Q", rbuf, r * slot)[0]]) for r in range(size)]
+
+
+def _displacements(counts: list[int]) -> list[int]:
+    """Gatherv displacements: the running sum (linear; the root of 8,192 ranks computes it per piece)."""
+    return [0, *itertools.accumulate(counts[:-1])] if counts else []
 
 
 # ----------------------------------------------------------------------------------------
