@@ -46,6 +46,7 @@ __all__ = [
     "write_ckpt_file",
     "write_safetensors_file",
     "write_sharded",
+    "write_weight_index",
     "group_shards",
     "decode_metadata_values",
     "copy_configs",
@@ -296,17 +297,22 @@ def write_sharded(
         fname = f"{stem}.{ext}"
         write(store, fname, items, values)
         return [fname]
-    weight_map: dict[str, str] = {}
     files: list[str] = []
     for k, group in enumerate(groups, 1):
         fname = naming.shard_file(stem, k, total, ext)
         write(store, fname, group, values if k == total else {})
         files.append(fname)
-        for it in group:
-            weight_map[it.name] = fname
+    return files + [write_weight_index(store, groups, values, files, stem=stem, ext=ext)]
+
+
+def write_weight_index(store: Any, groups: Sequence[Sequence[OutItem]], values: Any, files: list[str], *, stem: str,
+                       ext: str) -> str:
+    """``{stem}.{ext}.index.json`` for shards ``files`` holding ``groups`` (plain values in the last); its name."""
+    weight_map = {it.name: files[k] for k, group in enumerate(groups) for it in group}
     for v in values:
         weight_map[v] = files[-1]
-    idx = {"metadata": {"total_size": sum(it.nbytes for it in items)}, "weight_map": weight_map}
+    total = sum(it.nbytes for group in groups for it in group)
+    idx = {"metadata": {"total_size": total}, "weight_map": weight_map}
     idx_name = naming.weight_index_file(stem, ext)
     store.put_atomic(idx_name, (json.dumps(idx, indent=2, sort_keys=True) + "\n").encode())
-    return files + [idx_name]
+    return idx_name

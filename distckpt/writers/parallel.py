@@ -41,6 +41,7 @@ from . import (
     safetensors_layout,
     write_ckpt_file,
     write_safetensors_file,
+    write_weight_index,
 )
 
 __all__ = ["split_by_bytes", "merge_file", "merge_sharded", "merge_distckpt"]
@@ -348,15 +349,7 @@ def merge_parallel(c: Communicator, open_source: Callable[[], Any], dst: str, *,
 def _weight_index(store, items: Sequence[OutItem], values: dict, names: list[str], *, stem: str, ext: str,
                   shard: int) -> list[str]:
     """The weight map of shards written by several ranks (what :func:`write_sharded` writes itself)."""
-    import json
-
     groups = group_shards(items, shard)
     if len(groups) == 1:
         return names
-    weight_map = {it.name: names[k] for k, g in enumerate(groups) for it in g}
-    for v in values:
-        weight_map[v] = names[-1]
-    idx = {"metadata": {"total_size": sum(it.nbytes for it in items)}, "weight_map": weight_map}
-    idx_name = naming.weight_index_file(stem, ext)
-    store.put_atomic(idx_name, (json.dumps(idx, indent=2, sort_keys=True) + "\n").encode())
-    return names + [idx_name]
+    return names + [write_weight_index(store, groups, values, names, stem=stem, ext=ext)]
