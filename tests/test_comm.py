@@ -628,8 +628,8 @@ def test_every_rank_exits_with_its_own_status_after_a_timeout(tmp_path):
     # rank 1 sleeps; rank 0 raises SystemExit(4) at the top level, rank 2 returns normally, rank 3 sys.exit(3)
     proc, intents, real = run_exits("mixed", tmp_path / "out")
     assert sorted(real) == [0, 1, 2, 3], proc.stderr[-3000:]
-    assert sorted(intents) == [0, 2, 3]
-    assert {r: intents[r]["code"] for r in intents} == {0: 4, 2: 0, 3: 3}
+    assert {0, 2, 3} <= set(intents) <= {0, 1, 2, 3}
+    assert {r: intents[r]["code"] for r in (0, 2, 3)} == {0: 4, 2: 0, 3: 3}
     for r in (0, 2, 3):
         assert real[r]["rc"] == intents[r]["code"], (r, real, proc.stderr[-3000:])
         assert "collective 'save.commit' (#1) timed out after 3 s: rank(s) 1 did not arrive" in intents[r]["error"]
@@ -638,7 +638,11 @@ def test_every_rank_exits_with_its_own_status_after_a_timeout(tmp_path):
     # wrapped ranks) did not, and rank 1 ended on its own when its sleep was over: it met the broken
     # communicator at once (its peers' BYE) and exited 3.  Either way the job ends; what distckpt owes
     # is checked above and here: the ranks that left did so within seconds, each with its own status.
-    assert real[1]["rc"] < 0 or real[1]["rc"] == 3, real[1]
+    if 1 in intents:  # rank 1 outlived mpirun's teardown: it must have met the error and left with 3
+        assert real[1]["rc"] == 3 and intents[1]["code"] == 3, (real[1], intents[1])
+        assert intents[1]["error"].startswith("collective 'save.commit'"), intents[1]
+    else:  # killed by mpirun's teardown
+        assert real[1]["rc"] < 0, real[1]
     first_error = min(i["t"] for i in intents.values())
     assert max(real[r]["t"] for r in (0, 2, 3)) - first_error < 10
     assert real[1]["rc"] == 3 or real[1]["t"] - first_error < 10
