@@ -17,7 +17,6 @@ import resource
 import struct
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -157,10 +156,10 @@ def test_world_size_cap_is_exact():
 
 
 def test_huge_strategy_through_cli_no_oom(tmp_path, ck):
-    """reshard / inspect / native SRC with a 10**10-device strategy: a clean error, quickly, under 4 GiB."""
+    """reshard / inspect / native SRC with a 10**10-device strategy: a clean error under 4 GiB (_run's timeout
+    catches a walk over 10**10 devices; no wall-clock assertion on a shared machine)."""
     sf = tmp_path / "huge.json"
     sf.write_text(json.dumps(HUGE["dev_matrix 100000x100000"]))
-    t0 = time.perf_counter()
     res = _run(["reshard", ck, tmp_path / "out", "--dst-strategy", sf])
     _clean(res.returncode, res.stderr, "huge.json", "'w'", "2**24")
     assert not (tmp_path / "out").exists()
@@ -170,7 +169,6 @@ def test_huge_strategy_through_cli_no_oom(tmp_path, ck):
         _write_ckpt(native / f"rank_{r}" / "c.ckpt", {"w": np.ones((2, 4), np.float32)})
     res = _run(["inspect", native, "--src-strategy", sf])
     _clean(res.returncode, res.stderr, "huge.json", "2**24")
-    assert time.perf_counter() - t0 < 60
 
 
 BAD_LAYOUTS = {
@@ -411,10 +409,9 @@ def test_many_chunks_are_fast_and_bounded(tmp_path):
         f"a = distckpt.load({str(path)!r})['big']; "
         "assert a.tolist() == np.arange(len(a), dtype=np.int8).tolist(); print(len(a))"
     )
-    t0 = time.perf_counter()
+    # ~10 s on an idle 2-core machine; the timeout only catches a quadratic walk, it is not a timing assertion
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, preexec_fn=_limits)
     assert res.returncode == 0 and res.stdout.strip() == str(n), res.stderr
-    assert time.perf_counter() - t0 < 90  # ~10 s on an idle 2-core machine
     res = _run(["inspect", path, "--json"])
     assert res.returncode == 0 and json.loads(res.stdout)["tensors"][0]["chunks"] == n
 

@@ -4,7 +4,6 @@ concurrent ranged GETs, retries of server errors, the CLI with --storage-options
 from __future__ import annotations
 
 import json
-import time
 import uuid
 
 import ml_dtypes
@@ -115,15 +114,12 @@ def test_reads_are_concurrent(s3_server, row_ckpt, monkeypatch):
     monkeypatch.setattr(Storage, "read_piece", 1 << 20)
     s3_server.reset()
     s3_server.get_delay = 0.2  # a slow store: serial GETs would take >= 0.8 s
-    t0 = time.perf_counter()
     got = api.load(url, names=["w1"])
-    elapsed = time.perf_counter() - t0
     s3_server.get_delay = 0.0
     assert np.array_equal(got["w1"], state["w1"])
     _, gets = s3_server.get_bytes(f"{prefix}/data-")
     assert gets >= 4  # 4 MiB in 1 MiB pieces
-    assert s3_server.max_inflight >= 4, "ranged GETs were issued one at a time"
-    assert elapsed < 0.2 * gets, (elapsed, gets)
+    assert s3_server.max_inflight >= 4, "ranged GETs were issued one at a time"  # counted by the server, not timed
 
 
 def test_server_errors_are_retried_with_backoff(s3_server, monkeypatch):
