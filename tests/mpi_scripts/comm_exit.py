@@ -31,7 +31,7 @@ def intent(code, error=""):
 
 
 def main():
-    comm.barrier("warmup")
+    comm.barrier("warmup", timeout=120)  # startup under load is not the fault under test
     if rank == 1 and MODE in ("sleep", "mixed"):
         time.sleep(120 if MODE == "sleep" else 20)  # mixed: over once the test's checks are due
     if rank == 1 and MODE == "exit5":

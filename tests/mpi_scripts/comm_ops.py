@@ -125,7 +125,7 @@ def early_fail():
 def exchange_death():
     """Rank 1 leaves (sys.exit(7)) in the middle of an exchange, at default settings; the others must not wait."""
     comm = get_comm()
-    comm.barrier("warmup")
+    comm.barrier("warmup", timeout=120)  # startup under load is not the fault under test
     if comm.rank == 1:
         comm._t_exchange = lambda *a, **k: sys.exit(7)
     t0 = time.monotonic()
@@ -158,7 +158,7 @@ def run_fail():
 def timeout():
     # rank 2 never reaches the barrier (sleeps far past the deadline)
     comm = MPIComm(timeout=float(os.environ.get("T", "3")))
-    comm.barrier("warmup")
+    comm.barrier("warmup", timeout=120)  # startup under load is not the fault under test
     if comm.rank == 2:
         time.sleep(60)
     t0 = time.monotonic()
@@ -177,7 +177,7 @@ def timeout():
 
 def uncaught():
     comm = get_comm()
-    comm.barrier("warmup")
+    comm.barrier("warmup", timeout=120)  # startup under load is not the fault under test
     if comm.rank == 1:
         raise RuntimeError("rank 1 dies outside run()")
     comm.barrier("never completes")
