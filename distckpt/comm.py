@@ -126,7 +126,9 @@ did not arrive (...)", naming ranks that did not answer, ranks that exited and
 ranks that are in another collective.  Non-root ranks wait 5 s longer than
 root so the verdict reaches them first; if root itself is missing they raise
 "rank 0 (the coordinator) did not report ...".  A rank that arrives late finds
-the verdict waiting and raises it at once.  A rank that leaves the job
+the verdict waiting and raises it at once; a rank still finishing an earlier
+collective (which every rank completed) finishes it first and raises the
+verdict in the collective it names.  A rank that leaves the job
 (a non-zero exit, or a failure of its own) sends BYE, so the collectives it
 will never join fail at once instead of at the deadline.  After a timeout,
 a mismatch or a peer's departure the communicator is broken: every later
@@ -428,6 +430,8 @@ class Communicator(abc.ABC):
     def __init__(self) -> None:
         self._seq = 0
         self._broken: str | None = None
+        #: A verdict about a collective this rank had not reached when it arrived (raised by that collective).
+        self._verdict: DistributedError | None = None
         self._open: _Op | None = None
         self._lock = threading.RLock()
         #: ``collectives`` called and ``bytes_sent`` handed to the transport by this rank.
@@ -476,6 +480,10 @@ class Communicator(abc.ABC):
 
     # -- protocol -------------------------------------------------------------------
     def _begin(self, kind: str, name: str, root: int, timeout: float | None) -> _Op:
+        if self._verdict is not None:
+            verdict, self._verdict = self._verdict, None
+            self._seq += 1
+            raise verdict
         if self._broken is not None:
             raise DistributedError(
                 f"collective {name!r}: this communicator is unusable after an earlier failure ({self._broken})"
@@ -1160,6 +1168,12 @@ class MPIComm(Communicator):
                 return
             message, failures = self._recv_verdict(c)
             self._settled = True
+            if op is not None and b > op.seq:
+                # Root failed collective #b, which this rank has not reached yet (it was descheduled, and the
+                # current collective's completion and the verdict arrived together).  Every rank completed this
+                # one, so let it finish; collective #b raises the verdict (see _begin), later ones "unusable".
+                self._verdict = self._break(message, failures)
+                return
             raise self._break(message, failures)
         elif kind == _CENSUS:
             cur = self._current
@@ -1204,6 +1218,9 @@ class MPIComm(Communicator):
     # -- timeouts ---------------------------------------------------------------------
     def _timed_out(self, op: _Op | None, what: str, reqs: list) -> DistributedError:
         assert op is not None
+        if self._verdict is not None:  # the real cause: root's verdict about a later collective
+            verdict, self._verdict = self._verdict, None
+            return verdict
         if what == "setup":
             return self._break(
                 f"collective {op.name!r} timed out after {op.budget} on rank {self.rank} while setting up "

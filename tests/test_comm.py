@@ -464,6 +464,34 @@ def test_mpicomm_in_one_process_old_calls(monkeypatch):
         c.run("step", lambda: 1 / 0)
 
 
+@needs_mpi
+def test_a_verdict_about_a_later_collective_waits_for_it(monkeypatch):
+    """Root's verdict about collective #2 reaches a rank still inside #1 (descheduled; in a loaded full-suite run
+    #1's completion and the verdict arrived in one Waitsome).  #1 is complete on every rank, so it must not
+    fail there: #2 raises the verdict word for word, and later collectives say the communicator is unusable."""
+    monkeypatch.delenv("DISTCKPT_COMM_TIMEOUT", raising=False)
+    from mpi4py import MPI
+
+    c = MPIComm(MPI.COMM_SELF)
+    c.barrier("warmup")  # #0
+    verdict = "collective 'save.commit' (#2) cannot complete: rank(s) 1 did not arrive (rank 1 exited with status 5)"
+    monkeypatch.setattr(c, "_recv_verdict", lambda nbytes: (verdict, {1: "rank 1 exited with status 5"}))
+    current = comm_mod._Op(1, "barrier", "load.plan", 0, None, time.monotonic())
+    c._seq = 2  # inside #1
+    c._on_notice((comm_mod._FAIL, 0, 2, 99), 0, current, False)  # about #2: recorded, #1 goes on
+    with pytest.raises(DistributedError) as got:
+        c.barrier("save.commit")  # #2
+    assert str(got.value) == verdict and got.value.failures == {1: "rank 1 exited with status 5"}
+    with pytest.raises(DistributedError, match=r"unusable after an earlier failure \(collective 'save.commit' \(#2\)"):
+        c.barrier("later")
+
+    fresh = MPIComm(MPI.COMM_SELF)
+    fresh.barrier("warmup")
+    monkeypatch.setattr(fresh, "_recv_verdict", lambda nbytes: ("boom", {}))
+    with pytest.raises(DistributedError, match="^boom$"):  # a verdict about the current collective: at once
+        fresh._on_notice((comm_mod._FAIL, 0, 1, 4), 0, comm_mod._Op(1, "barrier", "x", 0, None, time.monotonic()), False)
+
+
 # ----------------------------------------------------------------------------------------
 # real mpirun, 4 ranks on 2 cores
 
